@@ -1,0 +1,201 @@
+"""Profiles, the experiment matrix and the tables: loaded from params/, checked against schemas.
+
+Everything that decides what runs lives in three places under params/:
+  profiles/<name>.yaml  scale of the run (data, input size, widths, schedule lengths, runtime)
+  experiments.yaml      the experiments (detector, backbone, head switches, schedule, seed)
+  tables.yaml           tables -> rows -> experiment id + the paper's numbers
+A bad key or value fails here, before any job starts, with one line naming file and key.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator
+
+from dyhead.errors import DyheadError
+
+DEFAULT_PROFILE = "mini"
+# Switches not given in an experiment's head default to the full DyHead block.
+HEAD_DEFAULTS = {"scale": True, "spatial": True, "task": True, "high_offsets": "resample"}
+
+
+def repo_root() -> Path:
+    """Where params/ and workflow/ live: $DYHEAD_ROOT, else the current directory."""
+    return Path(os.environ.get("DYHEAD_ROOT", ".")).resolve()
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise DyheadError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise DyheadError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise DyheadError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+@lru_cache(maxsize=None)
+def _validator(schema_path: str) -> Draft202012Validator:
+    return Draft202012Validator(load_yaml(Path(schema_path)))
+
+
+def validate(data: dict, schema: str, path: Path, root: Path) -> None:
+    """Check `data` against workflow/schemas/<schema>.schema.yaml; raise on the first error."""
+    validator = _validator(str(root / "workflow" / "schemas" / f"{schema}.schema.yaml"))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise DyheadError(f"{path}: {key}: {err.message}")
+
+
+def canonical_id(spec: dict) -> str:
+    """detector-backbone-head-schedule[-seedN]; head is 'base' or 'dyh<N>-<LSC switches>'."""
+    head = spec["head"]
+    if head["blocks"] == 0:
+        head_name = "base"
+    else:
+        h = {**HEAD_DEFAULTS, **head}
+        switches = "".join(c for c, on in (("L", h["scale"]), ("S", h["spatial"]), ("C", h["task"])) if on) or "none"
+        head_name = f"dyh{head['blocks']}-{switches}"
+        if h["high_offsets"] != "resample":
+            head_name += f"-{h['high_offsets']}"
+    name = f"{spec['detector']}-{spec['backbone']}-{head_name}-{spec['schedule']}"
+    if spec.get("seed"):
+        name += f"-seed{spec['seed']}"
+    return name
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """The experiments and tables, cross-checked."""
+
+    experiments: dict
+    tables: dict
+
+    def table_experiments(self, table: str) -> list[str]:
+        if table not in self.tables:
+            raise DyheadError(f"unknown table {table!r}; params/tables.yaml defines {', '.join(sorted(self.tables))}")
+        t = self.tables[table]
+        ids = [row["experiment"] for row in t["rows"]] + list(t.get("noise", []))
+        return list(dict.fromkeys(ids))
+
+    def tables_of(self, exp_id: str) -> list[str]:
+        return [name for name in sorted(self.tables) if exp_id in self.table_experiments(name)]
+
+
+def load_matrix(root: Path | None = None) -> Matrix:
+    root = root or repo_root()
+    exp_path, tab_path = root / "params" / "experiments.yaml", root / "params" / "tables.yaml"
+    experiments = load_yaml(exp_path)
+    validate(experiments, "experiments", exp_path, root)
+    experiments = experiments["experiments"]
+    for exp_id, spec in experiments.items():
+        expected = canonical_id(spec)
+        if exp_id != expected:
+            raise DyheadError(f"{exp_path}: experiments.{exp_id}: id does not match its fields (expected {expected!r})")
+    tables = load_yaml(tab_path)
+    validate(tables, "tables", tab_path, root)
+    for name, table in tables.items():
+        for i, row in enumerate(table["rows"]):
+            if row["experiment"] not in experiments:
+                raise DyheadError(f"{tab_path}: {name}.rows.{i}.experiment: unknown experiment {row['experiment']!r}")
+            missing = set(table["labels"]) - set(row["label"])
+            if missing:
+                raise DyheadError(f"{tab_path}: {name}.rows.{i}.label: missing {sorted(missing)}")
+        for exp_id in table.get("noise", []):
+            if exp_id not in experiments:
+                raise DyheadError(f"{tab_path}: {name}.noise: unknown experiment {exp_id!r}")
+    return Matrix(experiments, tables)
+
+
+def profile_names(root: Path | None = None) -> list[str]:
+    root = root or repo_root()
+    return sorted(p.stem for p in (root / "params" / "profiles").glob("*.yaml"))
+
+
+def load_profile(name: str, root: Path | None = None) -> dict:
+    root = root or repo_root()
+    path = root / "params" / "profiles" / f"{name}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.exists():
+        raise DyheadError(f"unknown profile {name!r}; params/profiles/ has {', '.join(profile_names(root))}")
+    profile = load_yaml(path)
+    validate(profile, "profile", path, root)
+    if profile["data"]["source"] == "synthetic" and "synthetic" not in profile["data"]:
+        raise DyheadError(f"{path}: data.synthetic: required when data.source is synthetic")
+    for key, frac in enumerate(profile["solver"]["steps"]):
+        if key and frac <= profile["solver"]["steps"][key - 1]:
+            raise DyheadError(f"{path}: solver.steps: must increase, got {profile['solver']['steps']}")
+    return profile
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment resolved under one profile: everything a training or evaluation needs."""
+
+    experiment: str
+    profile_name: str
+    spec: dict
+    profile: dict = field(repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.profile_name / self.experiment
+
+    @property
+    def max_iter(self) -> int:
+        return self.profile["solver"]["schedules"][self.spec["schedule"]]
+
+    @property
+    def seed(self) -> int:
+        return self.profile["runtime"]["seed"] + self.spec.get("seed", 0)
+
+    @property
+    def head(self) -> dict:
+        return {**HEAD_DEFAULTS, **self.spec["head"]}
+
+    @property
+    def backbone(self) -> dict:
+        return self.profile["model"]["backbones"][self.spec["backbone"]]
+
+    def to_dict(self) -> dict:
+        """Flat-ish record of every setting, stored with each run."""
+        return {
+            "experiment": self.experiment,
+            "profile": self.profile_name,
+            "spec": {**self.spec, "head": self.head},
+            "max_iter": self.max_iter,
+            "seed": self.seed,
+            "profile_settings": self.profile,
+        }
+
+
+def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None) -> RunConfig:
+    root = root or repo_root()
+    matrix = load_matrix(root)
+    if exp_id not in matrix.experiments:
+        close = [e for e in matrix.experiments if e.split("-")[:2] == exp_id.split("-")[:2]][:3]
+        hint = f"; did you mean {', '.join(close)}?" if close else "; `dyhead list` shows them"
+        raise DyheadError(f"unknown experiment {exp_id!r}{hint}")
+    profile = load_profile(profile_name, root)
+    spec = matrix.experiments[exp_id]
+    if spec["backbone"] not in profile["model"]["backbones"]:
+        raise DyheadError(
+            f"params/profiles/{profile_name}.yaml: model.backbones: no entry for {spec['backbone']!r} (needed by {exp_id})"
+        )
+    if spec["schedule"] not in profile["solver"]["schedules"]:
+        raise DyheadError(
+            f"params/profiles/{profile_name}.yaml: solver.schedules: no entry for {spec['schedule']!r} (needed by {exp_id})"
+        )
+    return RunConfig(exp_id, profile_name, spec, profile)
+

@@ -1,0 +1,250 @@
+"""ATSS (Zhang et al., CVPR 2020) with either the baseline tower head or a DyHead head.
+
+Facts: ../shared/reference/detectors.md §2 and dyhead_spec.md §B.3, §C.2. One square anchor of
+8 x stride per location centred at (i + 0.5) * stride; deltas coded with weights (10, 10, 5, 5).
+Assignment: per level the 9 anchors nearest each box centre are candidates; positives have
+IoU >= mean + std of their candidates' IoUs and a centre strictly inside the box; an anchor
+claimed by several boxes goes to the one it overlaps most.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+
+from dyhead.modeling.backbone import BackboneWithFPN
+from dyhead.modeling.detectors.base import Detector, reduce_mean
+from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class ATSSConfig:
+    num_classes: int = 80
+    anchor_scale: float = 8.0
+    topk: int = 9
+    tower_convs: int = 4  # baseline head; a DyHead head has no towers
+    tower_gn_groups: int = 32
+    pred_kernel: int = 3
+    reg_loss_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    score_thresh: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_thresh: float = 0.6
+    detections_per_img: int = 100
+    prior_prob: float = 0.01
+
+
+class Scale(nn.Module):
+    def __init__(self, value: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def _tower(channels: int, convs: int, gn_groups: int) -> nn.Sequential:
+    layers = []
+    for _ in range(convs):
+        conv = nn.Conv2d(channels, channels, 3, 1, 1)
+        nn.init.normal_(conv.weight, std=0.01)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.GroupNorm(gn_groups, channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ATSSHead(nn.Module):
+    """Predictors for cls, box deltas and centerness on P3-P7.
+
+    Baseline: separate 4-conv GN towers for cls and for reg (centerness on the reg tower).
+    DyHead (Fig. 2b): the blocks replace both towers; all predictors read the unified feature.
+    """
+
+    def __init__(self, channels: int, num_levels: int, cfg: ATSSConfig, dyhead: DyHeadConfig | None):
+        super().__init__()
+        self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
+        convs = 0 if self.dyhead is not None else cfg.tower_convs
+        self.cls_tower = _tower(channels, convs, cfg.tower_gn_groups)
+        self.reg_tower = _tower(channels, convs, cfg.tower_gn_groups)
+        k, pad = cfg.pred_kernel, cfg.pred_kernel // 2
+        self.cls_logits = nn.Conv2d(channels, cfg.num_classes, k, 1, pad)
+        self.bbox_pred = nn.Conv2d(channels, 4, k, 1, pad)
+        self.centerness = nn.Conv2d(channels, 1, k, 1, pad)
+        for conv in (self.cls_logits, self.bbox_pred, self.centerness):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        if self.dyhead is not None:
+            features = self.dyhead(features)
+        logits, deltas, ctrness = [], [], []
+        for scale, x in zip(self.scales, features):
+            cls_feat, reg_feat = self.cls_tower(x), self.reg_tower(x)
+            logits.append(self.cls_logits(cls_feat))
+            deltas.append(scale(self.bbox_pred(reg_feat)))
+            ctrness.append(self.centerness(reg_feat))
+        return logits, deltas, ctrness
+
+
+def make_anchors(sizes: list[tuple[int, int]], strides: list[int], scale: float, device) -> list[Tensor]:
+    """One square anchor of `scale * stride` per location, centred at (i + 0.5) * stride; per level [HW, 4]."""
+    anchors = []
+    for (h, w), s in zip(sizes, strides):
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        half = scale * s / 2
+        anchors.append(torch.stack([cx - half, cy - half, cx + half, cy + half], dim=-1).reshape(-1, 4))
+    return anchors
+
+
+def atss_assign(anchors_per_level: list[Tensor], gt_boxes: Tensor, topk: int) -> Tensor:
+    """Index of the matched box for every anchor, -1 for background."""
+    anchors = torch.cat(anchors_per_level)
+    num_anchors, num_gt = anchors.shape[0], gt_boxes.shape[0]
+    if num_gt == 0:
+        return torch.full((num_anchors,), -1, dtype=torch.long, device=anchors.device)
+    ious = box_iou(anchors, gt_boxes)  # [A, G]
+    anchor_ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    gt_ctr = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
+    dist = torch.cdist(anchor_ctr, gt_ctr)  # [A, G]
+
+    candidates, start = [], 0
+    for level in anchors_per_level:
+        n = level.shape[0]
+        k = min(topk, n)
+        _, idx = dist[start : start + n].topk(k, dim=0, largest=False)
+        candidates.append(idx + start)
+        start += n
+    candidates = torch.cat(candidates)  # [K, G]
+    cols = torch.arange(num_gt, device=anchors.device)
+    cand_ious = ious[candidates, cols]
+    # torch.std is unbiased, as in the official and mmdetection code.
+    threshold = cand_ious.mean(0) + cand_ious.std(0)
+    positive = cand_ious >= threshold
+
+    cand_ctr = anchor_ctr[candidates]  # [K, G, 2]
+    ltrb = torch.stack(
+        [
+            cand_ctr[..., 0] - gt_boxes[:, 0],
+            cand_ctr[..., 1] - gt_boxes[:, 1],
+            gt_boxes[:, 2] - cand_ctr[..., 0],
+            gt_boxes[:, 3] - cand_ctr[..., 1],
+        ],
+        dim=-1,
+    )
+    positive &= ltrb.min(dim=-1).values > 0.01
+
+    # Keep, for every anchor, the positive box with the highest IoU.
+    scored = torch.full_like(ious, -INF)
+    rows = candidates[positive]
+    gts = cols.expand_as(candidates)[positive]
+    scored[rows, gts] = ious[rows, gts]
+    best_iou, best_gt = scored.max(dim=1)
+    best_gt[best_iou == -INF] = -1
+    return best_gt
+
+
+def centerness_target(anchors: Tensor, boxes: Tensor) -> Tensor:
+    ctr = (anchors[:, :2] + anchors[:, 2:]) / 2
+    left, top = ctr[:, 0] - boxes[:, 0], ctr[:, 1] - boxes[:, 1]
+    right, bottom = boxes[:, 2] - ctr[:, 0], boxes[:, 3] - ctr[:, 1]
+    lr = torch.stack([left, right], 1)
+    tb = torch.stack([top, bottom], 1)
+    return torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
+
+
+def _flatten(maps: list[Tensor], channels: int) -> Tensor:
+    """[N, C, H, W] per level -> [N, sum HW, C] in (level, y, x) order, matching make_anchors."""
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
+
+
+class ATSS(Detector):
+    def __init__(self, backbone: BackboneWithFPN, cfg: ATSSConfig, dyhead: DyHeadConfig | None, size_divisible: int):
+        super().__init__(size_divisible)
+        self.cfg = cfg
+        self.backbone = backbone
+        self.strides = backbone.strides
+        self.head = ATSSHead(backbone.out_channels, len(self.strides), cfg, dyhead)
+        self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+
+    def network(self, batch: Tensor):
+        return self.head(self.backbone(batch))
+
+    def _anchors(self, outputs, batch: Tensor) -> list[Tensor]:
+        sizes = [tuple(m.shape[-2:]) for m in outputs[0]]
+        return make_anchors(sizes, self.strides, self.cfg.anchor_scale, batch.device)
+
+    def losses(self, outputs, targets: list[dict], batch: Tensor) -> dict[str, Tensor]:
+        logits, deltas, ctrness = outputs
+        anchors_per_level = self._anchors(outputs, batch)
+        anchors = torch.cat(anchors_per_level)
+        logits = _flatten(logits, self.cfg.num_classes)
+        deltas = _flatten(deltas, 4)
+        ctrness = _flatten(ctrness, 1).squeeze(-1)
+
+        cls_targets = torch.zeros_like(logits)
+        pos_mask, box_targets = [], []
+        for i, t in enumerate(targets):
+            matched = atss_assign(anchors_per_level, t["boxes"], self.cfg.topk)
+            pos = matched >= 0
+            cls_targets[i, pos, t["labels"][matched[pos]]] = 1.0
+            pos_mask.append(pos)
+            box_targets.append(t["boxes"][matched[pos]])
+        pos_mask = torch.stack(pos_mask)
+        box_targets = torch.cat(box_targets)
+        pos_anchors = anchors.unsqueeze(0).expand(len(targets), -1, -1)[pos_mask]
+
+        num_pos = reduce_mean(pos_mask.sum().to(logits.dtype)).clamp(min=1.0)
+        loss_cls = sigmoid_focal_loss(
+            logits, cls_targets, self.cfg.focal_alpha, self.cfg.focal_gamma, reduction="sum"
+        ) / num_pos
+
+        if box_targets.numel() == 0:
+            zero = deltas.sum() * 0 + ctrness.sum() * 0
+            return {"loss_cls": loss_cls, "loss_box": zero, "loss_ctr": zero}
+        ctr_targets = centerness_target(pos_anchors, box_targets)
+        ctr_sum = reduce_mean(ctr_targets.sum()).clamp(min=1e-6)
+        pred_boxes = self.box_coder.decode_single(deltas[pos_mask], pos_anchors)
+        giou = generalized_box_iou_loss(pred_boxes, box_targets, reduction="none")
+        loss_box = self.cfg.reg_loss_weight * (giou * ctr_targets).sum() / ctr_sum
+        loss_ctr = F.binary_cross_entropy_with_logits(ctrness[pos_mask], ctr_targets, reduction="sum") / num_pos
+        return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
+
+    @torch.no_grad()
+    def postprocess(self, outputs, sizes: list[tuple[int, int]], batch: Tensor) -> list[dict]:
+        logits, deltas, ctrness = outputs
+        anchors_per_level = self._anchors(outputs, batch)
+        results = []
+        for i, (h, w) in enumerate(sizes):
+            boxes_all, scores_all, labels_all = [], [], []
+            for lvl, anchors in enumerate(anchors_per_level):
+                cls = logits[lvl][i].permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
+                ctr = ctrness[lvl][i].reshape(-1).sigmoid()
+                keep = cls > self.cfg.score_thresh
+                scores = (cls * ctr[:, None])[keep]  # product score, no sqrt (official DyHead port)
+                if scores.numel() > self.cfg.pre_nms_topk:
+                    scores, top = scores.topk(self.cfg.pre_nms_topk)
+                else:
+                    top = torch.arange(scores.numel(), device=scores.device)
+                loc, cls_idx = keep.nonzero(as_tuple=True)
+                loc, cls_idx = loc[top], cls_idx[top]
+                d = deltas[lvl][i].permute(1, 2, 0).reshape(-1, 4)[loc]
+                boxes = self.box_coder.decode_single(d, anchors[loc])
+                boxes_all.append(clip_boxes_to_image(boxes, (h, w)))
+                scores_all.append(scores)
+                labels_all.append(cls_idx)
+            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+            keep = batched_nms(boxes, scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_img]
+            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+        return results

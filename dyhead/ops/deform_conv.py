@@ -1,0 +1,54 @@
+"""The one entry point for modulated deformable convolution (DCNv2).
+
+Every deformable conv in the package goes through `deform_conv2d`, so the backend
+(torchvision's op or our native extension) is chosen in one place.
+Layout: offset channel 2k is dy and 2k+1 is dx for kernel tap k = i*kw + j; the mask
+is already sigmoided (torchvision's and the official DyHead's convention).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+import torchvision
+
+BACKENDS = ("auto", "native", "torchvision")
+
+
+def native_available() -> bool:
+    """True when the compiled extension can be loaded (see dyhead.ops.native)."""
+    try:
+        from . import native  # noqa: F401
+    except ImportError:
+        return False
+    return native.is_built()
+
+
+def resolve_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"dcn_backend: unknown value {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "native" if native_available() else "torchvision"
+    if name == "native" and not native_available():
+        raise RuntimeError("dcn_backend: 'native' requested but the extension is not built; run `dyhead build-ext`")
+    return name
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    mask: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    backend: str = "torchvision",
+) -> Tensor:
+    """Modulated deformable conv; `backend` must already be resolved ('native' or 'torchvision')."""
+    if backend == "native":
+        from . import native
+
+        return native.deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation)
+    return torchvision.ops.deform_conv2d(
+        input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
+    )
