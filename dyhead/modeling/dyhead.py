@@ -95,6 +95,10 @@ class DyReLU(nn.Module):
         self.channels = channels
         self.fc1 = nn.Linear(channels, channels // reduction)
         self.fc2 = nn.Linear(channels // reduction, 4 * channels)
+        # Zero-init the last FC so theta = 0.5 and the block starts as a plain ReLU (the official code
+        # keeps nn.Linear's default init, which starts as a random piecewise-linear function).
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c = x.shape[:2]

@@ -130,7 +130,8 @@ def atss_assign(anchors_per_level: list[Tensor], gt_boxes: Tensor, topk: int) ->
     cols = torch.arange(num_gt, device=anchors.device)
     cand_ious = ious[candidates, cols]
     # torch.std is unbiased, as in the official and mmdetection code.
-    threshold = cand_ious.mean(0) + cand_ious.std(0)
+    std = cand_ious.std(0) if cand_ious.shape[0] > 1 else torch.zeros_like(cand_ious[0])
+    threshold = cand_ious.mean(0) + std
     positive = cand_ious >= threshold
 
     cand_ctr = anchor_ctr[candidates]  # [K, G, 2]

@@ -1,0 +1,33 @@
+# Reads the experiment matrix and the profile once, at parse time, so a bad key fails before
+# any job starts. Helper functions only; no rule logic here.
+import sys
+from pathlib import Path
+
+from dyhead.config import load_matrix, load_profile
+from dyhead.errors import DyheadError
+
+PROFILE = config["profile"]
+try:
+    MATRIX = load_matrix(Path.cwd())
+    PROFILE_CFG = load_profile(PROFILE, Path.cwd())
+except DyheadError as exc:
+    sys.exit(f"dyhead: error: {exc}")
+
+DATA = PROFILE_CFG["data"]
+RUNS = f"runs/{PROFILE}"
+
+
+def data_ready():
+    """The file that proves the profile's data is in place."""
+    if DATA["source"] == "synthetic":
+        return f"{DATA['root']}/synth.json"
+    return DATA["val_annotations"]
+
+
+def table_runs(table, filename):
+    return [f"{RUNS}/{exp}/{filename}" for exp in MATRIX.table_experiments(table)]
+
+
+wildcard_constraints:
+    exp="|".join(sorted(MATRIX.experiments, key=len, reverse=True)),
+    table="|".join(sorted(MATRIX.tables)),

@@ -1,0 +1,43 @@
+rule train:
+    input:
+        data=data_ready(),
+        ext="build/ext/manifest.json",
+    output:
+        model=f"{RUNS}/{{exp}}/model_final.pth",
+        summary=f"{RUNS}/{{exp}}/train.json",
+    log:
+        f"logs/{PROFILE}/{{exp}}/train.log",
+    params:
+        profile=PROFILE,
+    threads: PROFILE_CFG["runtime"]["threads"]
+    resources:
+        mem_mb=4000,
+    shell:
+        "dyhead train {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
+
+
+rule evaluate:
+    input:
+        data=data_ready(),
+        model=f"{RUNS}/{{exp}}/model_final.pth",
+    output:
+        metrics=f"{RUNS}/{{exp}}/metrics.json",
+        predictions=f"{RUNS}/{{exp}}/predictions.json",
+    log:
+        f"logs/{PROFILE}/{{exp}}/evaluate.log",
+    params:
+        profile=PROFILE,
+    threads: PROFILE_CFG["runtime"]["threads"]
+    shell:
+        "dyhead evaluate {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
+
+
+rule flops:
+    output:
+        f"{RUNS}/{{exp}}/flops.json",
+    log:
+        f"logs/{PROFILE}/{{exp}}/flops.log",
+    params:
+        profile=PROFILE,
+    shell:
+        "dyhead flops {wildcards.exp} --profile {params.profile} 2>&1 | tee {log}"
