@@ -157,6 +157,9 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
                 f"{per_it:.2f}s/it eta {_fmt_eta(per_it * (max_iter - done))}")
             window, window_n = {}, 0
         if done % solver["checkpoint_period"] == 0 and done < max_iter:
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise DyheadError(f"[{run.experiment}] weights became non-finite at iteration {done}; stopped, "
+                                  f"last good checkpoint kept at {ckpt_path}")
             save_torch(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                    "iteration": done, "digest": digest,
                                    "elapsed": elapsed_before + time.perf_counter() - t0})
