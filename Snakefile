@@ -2,18 +2,29 @@
 # Which experiments exist and which table rows they feed is defined once, in params/.
 #   snakemake --cores all reports/table2.md                 # embedded default profile: mini
 #   snakemake --cores all --config profile=coco reports/table2.md
+import os
+import sys
+from pathlib import Path
+
 from snakemake.utils import min_version, validate
 
 min_version("9.19")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")
+# The extension is built into, and loaded from, this workflow's build/ext by every job.
+os.environ.setdefault("DYHEAD_EXT_DIR", str(Path("build/ext").resolve()))
+# Jobs call `dyhead`: find the one installed next to this Python even if the venv is not activated.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/coco.smk"
 include: "workflow/rules/build.smk"
+include: "workflow/rules/gpu.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/tta.smk"
 include: "workflow/rules/report.smk"
 
 

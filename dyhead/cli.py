@@ -6,6 +6,7 @@ Snakemake, DVC and people call exactly these commands. Errors in the input print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -48,7 +49,60 @@ def cmd_evaluate(args) -> None:
     from dyhead.config import resolve
     from dyhead.engine.evaluate import evaluate
 
-    evaluate(resolve(args.experiment, args.profile), threads=args.threads, backend=args.dcn_backend)
+    run = resolve(args.experiment, args.profile)
+    if args.split == "test-dev":  # no public labels: write the server's upload zip
+        from dyhead.engine.testdev import predict_testdev
+
+        predict_testdev(run, tta=args.tta, threads=args.threads, backend=args.dcn_backend)
+    elif args.tta:
+        from dyhead.engine.tta import evaluate_tta
+
+        evaluate_tta(run, threads=args.threads, backend=args.dcn_backend)
+    else:
+        evaluate(run, threads=args.threads, backend=args.dcn_backend)
+
+
+def cmd_fetch_coco(args) -> None:
+    from dyhead.config import load_profile
+    from dyhead.data.coco_fetch import fetch_coco
+
+    profile = load_profile(args.profile)
+    data = profile["data"]
+    if data["source"] != "coco" and not args.root:
+        raise DyheadError(f"profile {args.profile} reads {data['source']} data; use --profile coco (or --root DIR)")
+    root = Path(args.root or data["root"])
+    parts = args.parts.split(",") if args.parts else None
+    fetch_coco(root, parts, mirror=args.mirror, from_dir=args.from_dir, copy=args.copy,
+               keep_archives=args.keep_archives)
+    if not args.root and not parts:  # the files the profile names must now exist
+        for key in ("train_images", "val_images", "test_images", "train_annotations", "val_annotations",
+                    "test_annotations"):
+            if key in data and not Path(data[key]).exists():
+                raise DyheadError(f"params/profiles/{args.profile}.yaml: data.{key}: {data[key]} is not in the "
+                                  f"fetched layout under {root}")
+
+
+def cmd_fetch_weights(args) -> None:
+    from dyhead.config import load_profile
+    from dyhead.modeling.pretrained import IMAGENET, WEIGHTS_DIR, arch_of_file, fetch_weights
+
+    wanted = {arch: Path(args.dir or WEIGHTS_DIR) for arch in args.arch}  # arch -> directory
+    if not wanted:  # whatever the profile's backbones load, where the profile expects it
+        profile = load_profile(args.profile)
+        for key, bb in profile["model"]["backbones"].items():
+            if bb.get("weights"):
+                arch = arch_of_file(bb["weights"])
+                if arch is None:
+                    known = ", ".join(r.name for r in IMAGENET.values())
+                    raise DyheadError(f"params/profiles/{args.profile}.yaml: model.backbones.{key}.weights: "
+                                      f"{bb['weights']} is not a file fetch-weights knows ({known})")
+                wanted[arch] = Path(args.dir or Path(bb["weights"]).parent)
+        if not wanted:
+            print(f"profile {args.profile} loads no ImageNet weights; nothing to fetch")
+            return
+    for arch, directory in wanted.items():
+        for path in fetch_weights([arch], directory, mirror=args.mirror, from_dir=args.from_dir):
+            print(f"ready: {path}")
 
 
 def cmd_flops(args) -> None:
@@ -92,16 +146,63 @@ def cmd_list(args) -> None:
 
 
 def cmd_build_ext(args) -> None:
-    from dyhead.ops import build
+    from dyhead.engine.checkpoint import save_json
+    from dyhead.ops import build, native
 
-    build.main(args.rest)
+    rest = [a for a in args.rest if a != "--allow-fallback"]
+    allow_fallback = len(rest) != len(args.rest)
+    if "-h" in rest or "--help" in rest:
+        with contextlib.suppress(SystemExit):  # argparse exits after printing help
+            build.main(rest)
+        print("\n  --allow-fallback      if the build fails, record that in the manifest and exit 0: "
+              "dcn_backend 'auto' then uses torchvision's op (the Snakemake rule passes this)")
+        return
+    if build.main(rest) == 0:
+        return
+    if not allow_fallback:
+        raise DyheadError("the native extension did not build (reason above); dcn_backend 'auto' uses torchvision's op")
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--build-dir")
+    known, _ = finder.parse_known_args(rest)
+    build_dir = Path(known.build_dir or native.default_ext_dir())
+    save_json(build_dir / "manifest.json", {"library": None, "native": False, "source_hash": native.source_hash(),
+                                             "reason": "build failed; see the build log above"})
+    print(f"dyhead build-ext: native extension not built; trainings fall back to torchvision's op "
+          f"({build_dir / 'manifest.json'})")
+
+
+def cmd_dvc_yaml(args) -> None:
+    from dyhead.dvc_stages import render
+
+    text, out = render(args.profile, args.tables), Path(args.out)
+    if args.check:
+        if not out.exists() or out.read_text() != text:
+            raise DyheadError(f"{out} is not what params/ gives; regenerate: dyhead dvc-yaml --profile {args.profile}")
+        print(f"{out} is up to date")
+        return
+    from dyhead.engine.checkpoint import save_text
+
+    save_text(out, text)
+    print(f"wrote {out} (profile {args.profile}): `dvc repro` runs it, `dvc push` stores the checkpoints")
+
+
+def cmd_gpu_check(args) -> None:
+    from dyhead.engine.checkpoint import save_text
+    from dyhead.engine.distributed import gpu_report
+
+    text, count = gpu_report(args.expect)
+    print(text, end="")
+    if count != args.expect:
+        raise DyheadError(f"gpu-check: this job sees {count} GPU(s), it asked for {args.expect}; "
+                          "check the partition's GPUs and the slurm profile's gpu resource")
+    save_text(Path(args.out), text)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dyhead",
         description="Dynamic Head experiment pipeline. Each subcommand is one step of the Snakemake DAG: "
-                    "synth -> build-ext -> train -> evaluate -> flops -> report.",
+                    "synth | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -125,7 +226,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     _profile_arg(p)
     _runtime_args(p)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation (the profile's tta scales + flips): *_tta.json outputs")
+    p.add_argument("--split", choices=["val", "test-dev"], default="val",
+                   help="test-dev (coco profile): write detections_test-dev2017_<name>_results.zip for the COCO server")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("fetch-coco", help="download, verify and extract COCO 2017 (resumable; skipped once done)")
+    _profile_arg(p)
+    p.add_argument("--root", help="data root (default: the profile's data.root)")
+    p.add_argument("--mirror", metavar="URL", help="base URL holding zips/ and annotations/ like images.cocodataset.org")
+    p.add_argument("--from-dir", metavar="PATH", type=Path,
+                   help="reuse a local copy: an extracted COCO layout (linked) or the official zips (verified)")
+    p.add_argument("--copy", action="store_true", help="with --from-dir: copy instead of symlinking")
+    p.add_argument("--parts", help="comma-separated subset of train,val,test,annotations,test-info (default: all)")
+    p.add_argument("--keep-archives", action="store_true", help="keep the zips under <root>/archives/")
+    p.set_defaults(func=cmd_fetch_coco)
+
+    p = sub.add_parser("fetch-weights", help="download torchvision's ImageNet weights of the backbones into data/weights/")
+    p.add_argument("arch", nargs="*", help="r50 | r101 | x101 (default: those the profile's backbones load)")
+    _profile_arg(p)
+    p.add_argument("--dir", help="output directory (default: data/weights)")
+    p.add_argument("--mirror", metavar="URL", help="base URL in place of https://download.pytorch.org/models")
+    p.add_argument("--from-dir", metavar="PATH", type=Path, help="copy the files from here (verified) instead")
+    p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("flops", help="count GMACs of the coco-profile model at 800x1344 and of the profile's model")
     p.add_argument("experiment")
@@ -141,11 +265,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list the experiments and the tables each feeds")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml: the tables' experiments as DVC stages (same commands)")
+    _profile_arg(p)
+    p.add_argument("--tables", nargs="+", help="only these tables (default: all in params/tables.yaml)")
+    p.add_argument("--out", default="dvc.yaml", help="output file (default: dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="fail if the file differs from what params/ gives")
+    p.set_defaults(func=cmd_dvc_yaml)
+
+    p = sub.add_parser("gpu-check", help="write what GPUs this job sees; fail unless their count is --expect")
+    p.add_argument("--expect", type=int, required=True, help="the GPUs the job asked for")
+    p.add_argument("--out", required=True, help="report file, written only when the count matches")
+    p.set_defaults(func=cmd_gpu_check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["build-ext"]:  # its own parser (dyhead.ops.build) takes the rest verbatim
+        args = argparse.Namespace(func=cmd_build_ext, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except DyheadError as exc:

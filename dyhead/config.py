@@ -60,7 +60,11 @@ def validate(data: dict, schema: str, path: Path, root: Path) -> None:
 
 
 def canonical_id(spec: dict) -> str:
-    """detector-backbone-head-schedule[-seedN]; head is 'base' or 'dyh<N>-<LSC switches>'."""
+    """detector-backbone-head-schedule[-ms][-seedN]; head is 'base' or 'dyh<N>-<LSC switches>[-<placement>]'.
+
+    '-' separates the fields, so a backbone like 'x101-dcn' is written 'x101dcn'; '-ms' marks
+    multi-scale training.
+    """
     head = spec["head"]
     if head["blocks"] == 0:
         head_name = "base"
@@ -70,7 +74,11 @@ def canonical_id(spec: dict) -> str:
         head_name = f"dyh{head['blocks']}-{switches}"
         if h["high_offsets"] != "resample":
             head_name += f"-{h['high_offsets']}"
-    name = f"{spec['detector']}-{spec['backbone']}-{head_name}-{spec['schedule']}"
+        if spec.get("placement", "paper") != "paper":  # Faster R-CNN's non-default DyHead placement
+            head_name += f"-{spec['placement']}"
+    name = f"{spec['detector']}-{spec['backbone'].replace('-', '')}-{head_name}-{spec['schedule']}"
+    if spec.get("multiscale"):
+        name += "-ms"
     if spec.get("seed"):
         name += f"-seed{spec['seed']}"
     return name
@@ -197,5 +205,14 @@ def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None 
         raise DyheadError(
             f"params/profiles/{profile_name}.yaml: solver.schedules: no entry for {spec['schedule']!r} (needed by {exp_id})"
         )
+    if spec.get("multiscale"):  # the run trains on the profile's range in place of the fixed size
+        if "min_size_train_multiscale" not in profile["input"]:
+            raise DyheadError(f"params/profiles/{profile_name}.yaml: input.min_size_train_multiscale: "
+                              f"required by {exp_id} (multiscale: true)")
+        profile = {**profile, "input": {**profile["input"],
+                                        "min_size_train": list(profile["input"]["min_size_train_multiscale"])}}
+    if "solver" in spec:  # per-experiment override, relative so it holds under every profile
+        solver = profile["solver"]
+        profile = {**profile, "solver": {**solver, "base_lr": solver["base_lr"] * spec["solver"]["lr_scale"]}}
     return RunConfig(exp_id, profile_name, spec, profile)
 

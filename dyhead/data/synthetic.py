@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from dyhead.errors import DyheadError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "diamond", "hexagon", "star")
 # Non-contiguous like real COCO (1..90 with gaps): loaders must map ids to labels.
 CATEGORY_IDS = (1, 2, 3, 5, 8, 13, 21, 34)

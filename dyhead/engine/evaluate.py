@@ -12,8 +12,10 @@ from pycocotools.cocoeval import COCOeval
 from dyhead.config import RunConfig
 from dyhead.data.coco import collate
 from dyhead.data.synthetic import area_ranges
+from dyhead.engine import distributed
 from dyhead.engine.checkpoint import load_checkpoint, save_json
-from dyhead.engine.train import _to_device, make_dataset, setup_runtime
+from dyhead.engine.tracking import log_run_outputs
+from dyhead.engine.train import _to_device, make_dataset, settings_digest, setup_runtime
 from dyhead.errors import DyheadError
 from dyhead.modeling.build import build_detector
 
@@ -60,9 +62,14 @@ def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None
 
 
 @torch.no_grad()
-def predict(model, dataset, batch_size: int, device, log=print, tag: str = "") -> list[dict]:
+def predict(model, dataset, batch_size: int, device, log=print, tag: str = "",
+            batches: list[list[int]] | None = None) -> list[dict]:
+    """Detections for the whole dataset in order, or for `batches` (index lists: a rank's shard)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    if batches is None:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     results, t0, n = [], time.perf_counter(), len(loader)
     for i, (images, targets) in enumerate(loader, 1):
         images, _ = _to_device(images, [], device)
@@ -78,6 +85,8 @@ def evaluate(run: RunConfig, *, threads: int | None = None, backend: str | None 
     weights = out / "model_final.pth"
     ckpt = load_checkpoint(weights)
     device, backend = setup_runtime(run, threads, backend)
+    ctx = distributed.init(device)  # under torchrun: each rank predicts a shard, rank 0 scores
+    device, log = ctx.device, (log if ctx.is_main else lambda *args, **kwargs: None)
     dataset = make_dataset(run, train=False)
     if ckpt.get("category_ids") != dataset.category_ids:
         raise DyheadError(f"{weights}: trained on categories {ckpt.get('category_ids')}, "
@@ -85,7 +94,12 @@ def evaluate(run: RunConfig, *, threads: int | None = None, backend: str | None 
     model = build_detector(run, len(dataset.category_ids), backend, load_weights=False).to(device)
     model.load_state_dict(ckpt["model"])
     t0 = time.perf_counter()
-    results = predict(model, dataset, run.profile["eval"]["batch_size"], device, log, run.experiment)
+    batches = distributed.shard_batches(len(dataset), run.profile["eval"]["batch_size"], ctx)
+    results = predict(model, dataset, run.profile["eval"]["batch_size"], device, log, run.experiment, batches)
+    results = distributed.gather_predictions(results, [dataset.image_ids[i] for b in batches for i in b],
+                                             dataset.image_ids, ctx)
+    if not ctx.is_main:  # rank 0 has every image's detections now
+        return {}
     seconds = time.perf_counter() - t0
     save_json(out / "predictions.json", results)
     synth = run.profile["data"].get("synthetic") if run.profile["data"]["source"] == "synthetic" else None
@@ -94,8 +108,9 @@ def evaluate(run: RunConfig, *, threads: int | None = None, backend: str | None 
     record = {"experiment": run.experiment, "profile": run.profile_name, "split": "val", "area_ranges": ranges,
               "annotations": run.profile["data"]["val_annotations"], "images": len(dataset),
               "detections": len(results), "eval_seconds": round(seconds, 1), "dcn_backend": backend,
-              "metrics": metrics}
+              "world_size": ctx.world_size, "metrics": metrics}
     save_json(out / "metrics.json", record)
+    log_run_outputs(run, "evaluate", settings_digest(run), [out / "metrics.json"], metrics, run.max_iter)
     log(f"[{run.experiment}] " + " ".join(f"{k} {v}" for k, v in metrics.items()))
     return record
 

@@ -51,8 +51,14 @@ def count_gmacs(model: torch.nn.Module, input_hw: tuple[int, int]) -> dict:
         model.network(batch)
     per_module = counter.get_flop_counts()
     total = counter.get_total_flops()
-    # FlopCounterMode names modules by class from the outermost one called (network() calls the parts).
-    parts = {name: sum(per_module.get(type(child).__name__, {}).values()) / 2e9 for name, child in model.named_children()}
+    # FlopCounterMode names a module by the class of the outermost module called, then its path. network()
+    # may call a part's submodules directly (Faster R-CNN calls rpn.head, roi_heads.box_head), so each
+    # outermost name is credited to the part that holds a module of that class.
+    roots = {k: sum(v.values()) for k, v in per_module.items() if "." not in k and k != "Global"}
+    parts = {}
+    for name, child in model.named_children():
+        classes = {type(m).__name__ for m in child.modules()}
+        parts[name] = sum(f for k, f in roots.items() if k in classes) / 2e9
     return {"gmacs": total / 2e9, "parts_gmacs": parts, "input_hw": list(input_hw)}
 
 

@@ -19,7 +19,9 @@ from dyhead.config import RunConfig
 from dyhead.data.coco import CocoDetection, collate
 from dyhead.data.sampler import GroupedBatchSchedule, ResumableBatchSampler
 from dyhead.data.transforms import build_transforms
+from dyhead.engine import distributed
 from dyhead.engine.checkpoint import load_checkpoint, save_json, save_torch
+from dyhead.engine.tracking import NullTracker, Tracker, flat_params
 from dyhead.errors import DyheadError
 from dyhead.modeling.build import build_detector
 from dyhead.ops import resolve_backend
@@ -85,6 +87,8 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
     """Train `run` into run.run_dir; resumes from the last checkpoint there. Returns the summary."""
     out = run.run_dir
     device, backend = setup_runtime(run, threads, backend)
+    ctx = distributed.init(device)  # under torchrun: join the process group, one GPU per rank
+    device, log = ctx.device, (log if ctx.is_main else lambda *args, **kwargs: None)
     solver, max_iter = run.profile["solver"], run.max_iter
     dataset = make_dataset(run, train=True)
     if len(dataset) == 0:
@@ -92,6 +96,7 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
 
     torch.manual_seed(run.seed)
     model = build_detector(run, len(dataset.category_ids), backend).to(device)
+    net = distributed.wrap_model(model, ctx, sync_bn=run.backbone["norm"] == "sync_bn")  # DDP under torchrun
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],
                                 weight_decay=solver["weight_decay"])
@@ -107,17 +112,25 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
         optimizer.load_state_dict(ckpt["optimizer"])
         start, elapsed_before = ckpt["iteration"], ckpt.get("elapsed", 0.0)
         log(f"[{run.experiment}] resuming from {ckpt_path} at iteration {start}/{max_iter}")
-    _trim_log(out / "log.jsonl", start)
+    tracker = NullTracker()
+    if ctx.is_main:  # rank 0 alone writes files and talks to MLflow
+        _trim_log(out / "log.jsonl", start)
+        tracker = Tracker.for_run(run, stage="train", digest=digest, resumed=start > 0,
+                                  tags={"dcn_backend": backend, "world_size": ctx.world_size})
+        tracker.log_params(flat_params(run.to_dict()))
 
-    schedule = GroupedBatchSchedule(dataset.aspect_ratios(), solver["batch_size"], seed=run.seed)
+    # each rank takes its slice of every global batch
+    schedule = GroupedBatchSchedule(dataset.aspect_ratios(), solver["batch_size"], seed=run.seed,
+                                    rank=ctx.rank, world_size=ctx.world_size)
     end = min(max_iter, stop_at) if stop_at is not None else max_iter
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=ResumableBatchSampler(schedule, start, end), collate_fn=collate,
         num_workers=run.profile["runtime"]["num_workers"],
     )
     log(f"[{run.experiment}] profile {run.profile_name}: {len(dataset)} train images, {max_iter} iterations "
-        f"at batch {solver['batch_size']}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"dcn backend {backend}, {torch.get_num_threads()} threads")
+        f"at batch {solver['batch_size']} over {ctx.world_size} process(es), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, dcn backend {backend}, "
+        f"{torch.get_num_threads()} threads")
 
     model.train()
     t0 = time.perf_counter()
@@ -129,18 +142,20 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, targets = _to_device(images, targets, device)
-        losses = model(images, targets)
+        losses = net(images, targets)
         total = sum(losses.values())
-        if not torch.isfinite(total):
+        seen = distributed.mean_over_ranks(losses)  # the global batch's losses, the same on every rank
+        seen_total = sum(seen.values())
+        if not torch.isfinite(seen_total):
             kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-            raise DyheadError(f"[{run.experiment}] loss is {total.item()} at iteration {iteration + 1} "
-                              f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped, {kept}")
+            raise DyheadError(f"[{run.experiment}] loss is {seen_total.item()} at iteration {iteration + 1} "
+                              f"({', '.join(f'{k}={v.item():.4g}' for k, v in seen.items())}); stopped, {kept}")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
 
         done = iteration + 1
-        for k, v in losses.items():
+        for k, v in seen.items():
             window[k] = window.get(k, 0.0) + v.item()
         window_n += 1
         if done % solver["log_period"] == 0 or done == max_iter:
@@ -150,8 +165,10 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
             per_it = spent / (done - start)
             record = {"iteration": done, "lr": lr, **{k: round(v, 6) for k, v in last_losses.items()},
                       "sec_per_iter": round(per_it, 4)}
-            with open(out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if ctx.is_main:
+                with open(out / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            tracker.log_metrics({k: v for k, v in record.items() if k != "iteration"}, step=done)
             parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in last_losses.items() if k != "loss")
             log(f"[{run.experiment}] it {done}/{max_iter} loss {last_losses['loss']:.4f} ({parts}) lr {lr:.5f} "
                 f"{per_it:.2f}s/it eta {_fmt_eta(per_it * (max_iter - done))}")
@@ -160,12 +177,16 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise DyheadError(f"[{run.experiment}] weights became non-finite at iteration {done}; stopped, "
                                   f"last good checkpoint kept at {ckpt_path}")
-            save_torch(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "iteration": done, "digest": digest,
-                                   "elapsed": elapsed_before + time.perf_counter() - t0})
+            if ctx.is_main:
+                save_torch(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "iteration": done, "digest": digest,
+                                       "elapsed": elapsed_before + time.perf_counter() - t0})
         iteration = done
     if stop_at is not None and iteration < max_iter:
+        tracker.finish("KILLED")
         return {"stopped_at": iteration}
+    if not ctx.is_main:  # the other ranks are done; rank 0 writes the outputs
+        return {}
 
     elapsed = elapsed_before + time.perf_counter() - t0
     save_torch(out / "model_final.pth", {
@@ -178,10 +199,13 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
         "final_losses": {k: round(v, 5) for k, v in last_losses.items()},
         "parameters": sum(p.numel() for p in model.parameters()), "peak_rss_mb": round(peak_rss_mb(), 1),
         "dcn_backend": backend, "threads": torch.get_num_threads(), "device": str(device),
+        "world_size": ctx.world_size,
         "torch": torch.__version__, "python": platform.python_version(), "config": run.to_dict(),
     }
     save_json(out / "train.json", summary)
     ckpt_path.unlink(missing_ok=True)
+    tracker.log_artifact(out / "train.json")
+    tracker.finish("FINISHED")
     log(f"[{run.experiment}] done in {_fmt_eta(elapsed)}, peak memory {summary['peak_rss_mb']:.0f} MB -> {out}/model_final.pth")
     return summary
 

@@ -1,17 +1,90 @@
-"""Build a detector from a resolved experiment (config in, nn.Module out)."""
+"""Build a detector from a resolved experiment (config in, nn.Module out).
+
+`DETECTORS` maps the experiment's `detector` name to a builder; a builder gets the parts every
+detector shares (`Parts`) and returns a `Detector`. Adding a detector: its module under
+detectors/, one builder and one entry here, its name in the experiments schema's enum.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 from dyhead.config import RunConfig
 from dyhead.errors import DyheadError
 from dyhead.modeling.backbone import BackboneConfig, BackboneWithFPN, load_backbone_weights
 from dyhead.modeling.detectors.atss import ATSS, ATSSConfig
+from dyhead.modeling.detectors.base import Detector
+from dyhead.modeling.detectors.faster_rcnn import FasterRCNN, FasterRCNNConfig
+from dyhead.modeling.detectors.fcos import FCOS, FCOSConfig
+from dyhead.modeling.detectors.reppoints import RepPoints, RepPointsConfig
+from dyhead.modeling.detectors.retinanet import RetinaNet, RetinaNetConfig
 from dyhead.modeling.dyhead import DyHeadConfig
 
+ONE_STAGE_LEVELS = (3, 4, 5, 6, 7)  # P6/P7 from P5
+TWO_STAGE_LEVELS = (2, 3, 4, 5, 6)  # max-pooled P6
 
-def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weights: bool = True):
+
+@dataclass(frozen=True)
+class Parts:
+    """What every detector is made of, resolved from the experiment and the profile."""
+
+    backbone_cfg: BackboneConfig
+    weights: str | None
+    dyhead: DyHeadConfig | None
+    num_classes: int
+    size_divisible: int
+    tower_gn_groups: int
+    dcn_backend: str
+    spec: dict
+
+    def backbone(self, levels: tuple[int, ...]) -> BackboneWithFPN:
+        model = BackboneWithFPN(replace(self.backbone_cfg, levels=levels))
+        if self.weights:
+            load_backbone_weights(model.body, self.weights)
+        return model
+
+
+def build_atss(p: Parts) -> Detector:
+    cfg = ATSSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups)
+    return ATSS(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+
+
+def build_retinanet(p: Parts) -> Detector:
+    return RetinaNet(p.backbone(ONE_STAGE_LEVELS), RetinaNetConfig(num_classes=p.num_classes), p.dyhead,
+                     p.size_divisible)
+
+
+def build_fcos(p: Parts) -> Detector:
+    cfg = FCOSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups)
+    return FCOS(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+
+
+def build_reppoints(p: Parts) -> Detector:
+    cfg = RepPointsConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups)
+    return RepPoints(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible, p.dcn_backend)
+
+
+def build_faster_rcnn(p: Parts) -> Detector:
+    cfg = FasterRCNNConfig(num_classes=p.num_classes, placement=p.spec.get("placement", "paper"))
+    return FasterRCNN(p.backbone(TWO_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+
+
+DETECTORS = {
+    "atss": build_atss,
+    "retinanet": build_retinanet,
+    "fcos": build_fcos,
+    "reppoints": build_reppoints,
+    "faster_rcnn": build_faster_rcnn,
+}
+
+
+def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weights: bool = True) -> Detector:
     """`dcn_backend` must be resolved already ('native' or 'torchvision')."""
-    model_cfg = run.profile["model"]
-    bb = run.backbone
+    name = run.spec["detector"]
+    if name not in DETECTORS:
+        raise DyheadError(f"detector: unknown {name!r}; expected one of {', '.join(DETECTORS)}")
+    if "placement" in run.spec and name != "faster_rcnn":
+        raise DyheadError(f"experiment {run.experiment}: placement applies to faster_rcnn only, not {name!r}")
+    model_cfg, bb, head = run.profile["model"], run.backbone, run.head
     backbone_cfg = BackboneConfig(
         name=bb["name"],
         depths=tuple(bb["depths"]) if bb.get("depths") else None,
@@ -19,11 +92,11 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         norm=bb["norm"],
         freeze_at=bb["freeze_at"],
         fpn_channels=model_cfg["fpn_channels"],
+        groups=bb.get("groups"),
+        width_per_group=bb.get("width_per_group"),
+        dcn_stages=tuple(bb.get("dcn_stages", ())),
+        dcn_backend=dcn_backend,
     )
-    backbone = BackboneWithFPN(backbone_cfg)
-    if load_weights and bb.get("weights"):
-        load_backbone_weights(backbone.body, bb["weights"])
-    head = run.head
     dyhead_cfg = None
     if head["blocks"] > 0:
         dyhead_cfg = DyHeadConfig(
@@ -36,8 +109,14 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
             gn_groups=model_cfg["dyhead_gn_groups"],
             dcn_backend=dcn_backend,
         )
-    detector = run.spec["detector"]
-    if detector == "atss":
-        cfg = ATSSConfig(num_classes=num_classes, tower_gn_groups=model_cfg["tower_gn_groups"])
-        return ATSS(backbone, cfg, dyhead_cfg, run.profile["input"]["size_divisible"])
-    raise DyheadError(f"detector: unknown {detector!r}")
+    parts = Parts(
+        backbone_cfg=backbone_cfg,
+        weights=bb.get("weights") if load_weights else None,
+        dyhead=dyhead_cfg,
+        num_classes=num_classes,
+        size_divisible=run.profile["input"]["size_divisible"],
+        tower_gn_groups=model_cfg["tower_gn_groups"],
+        dcn_backend=dcn_backend,
+        spec=run.spec,
+    )
+    return DETECTORS[name](parts)

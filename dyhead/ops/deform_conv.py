@@ -7,6 +7,8 @@ is already sigmoided (torchvision's and the official DyHead's convention).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 import torchvision
@@ -17,10 +19,13 @@ BACKENDS = ("auto", "native", "torchvision")
 def native_available() -> bool:
     """True when the compiled extension can be loaded (see dyhead.ops.native)."""
     try:
-        from . import native  # noqa: F401
+        from . import native
     except ImportError:
         return False
     return native.is_built()
+
+
+_warned_cuda_fallback = False
 
 
 def resolve_backend(name: str) -> str:
@@ -29,7 +34,12 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         return "native" if native_available() else "torchvision"
     if name == "native" and not native_available():
-        raise RuntimeError("dcn_backend: 'native' requested but the extension is not built; run `dyhead build-ext`")
+        from . import native
+
+        raise RuntimeError(
+            f"dcn_backend: 'native' requested but the extension is not usable ({native.status()}); "
+            "run `dyhead build-ext`"
+        )
     return name
 
 
@@ -48,7 +58,18 @@ def deform_conv2d(
     if backend == "native":
         from . import native
 
-        return native.deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation)
+        if input.is_cuda and not native.cuda_compiled():
+            # A CPU-only build on a GPU machine: keep training on torchvision's op rather than fail.
+            global _warned_cuda_fallback
+            if not _warned_cuda_fallback:
+                _warned_cuda_fallback = True
+                warnings.warn(
+                    "dcn_backend=native: the extension was built without CUDA kernels; using torchvision's "
+                    "op for CUDA tensors (rebuild with `dyhead build-ext --cuda on`)",
+                    stacklevel=2,
+                )
+        else:
+            return native.deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation)
     return torchvision.ops.deform_conv2d(
         input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
     )

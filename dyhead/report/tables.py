@@ -24,29 +24,148 @@ def _diff(ours, paper):
     return None if ours is None or paper is None else ours - paper
 
 
+GROUP_LABEL = "detector"
+
+
+def _baselines(rows: list[dict], group_label: str | None) -> list[dict]:
+    """For each row, the row its gain is measured against: the first row of its group (or of the table)."""
+    first: dict = {}
+    return [first.setdefault(row["label"][group_label] if group_label else None, row) for row in rows]
+
+
+def _verdict(rows: list[dict], baseline_of: list[dict], results: dict, profile_name: str) -> str:
+    """One sentence, from the numbers: where DyHead raised AP over its detector's baseline here, and where not."""
+    helps, hurts, paper_gains = [], [], []
+    for row, base in zip(rows, baseline_of):
+        if row is base:
+            continue
+        extra = " ".join(str(v).replace("✓", "").strip() for k, v in row["label"].items() if k != GROUP_LABEL)
+        name = f"{row['label'][GROUP_LABEL]} {extra}".strip()
+        gain = results[row["experiment"]]["metrics"]["AP"] - results[base["experiment"]]["metrics"]["AP"]
+        (helps if gain > 0 else hurts).append(f"{name} ({gain:+.2f})")
+        if row["paper"].get("AP") is not None and base["paper"].get("AP") is not None:
+            paper_gains.append(row["paper"]["AP"] - base["paper"]["AP"])
+    said = f"On the {profile_name} data DyHead raises AP over the detector's own baseline for "
+    said += (", ".join(helps) if helps else "none of the detectors")
+    said += "; it does not for " + (", ".join(hurts) if hurts else "none") + "."
+    if paper_gains:
+        said += (f" The paper reports a gain for every detector ({min(paper_gains):+.1f} to {max(paper_gains):+.1f} AP "
+                 "on COCO). Each of our rows is one training run with one seed, so small differences are within noise.")
+    return said
+
+
+def _ours_file(row: dict) -> str:
+    return "metrics_tta.json" if row.get("tta") else "metrics.json"
+
+
+def _ordered(table: dict) -> list[tuple[bool, dict]]:
+    """(ours?, row): quoted rows first, then ours, within each `setting` group in order of appearance."""
+    items = [(False, r) for r in table.get("literature", [])] + [(True, r) for r in table["rows"]]
+    if "setting" not in table["labels"]:
+        return items
+    groups = list(dict.fromkeys(r["label"]["setting"] for _, r in items))
+    return sorted(items, key=lambda item: groups.index(item[1]["label"]["setting"]))  # stable within a group
+
+
+def render_comparison(name: str, matrix: Matrix, profile_name: str, runs_root: Path = Path("runs")) -> str:
+    """Tables 4-5: our DyHead rows beside the paper's, among the other methods it quotes (printed as quoted)."""
+    table = matrix.tables[name]
+    profile = load_profile(profile_name)
+    metrics, labels = table["metrics"], table["labels"]
+    runs = runs_root / profile_name
+    results = {(r["experiment"], bool(r.get("tta"))): load_json(runs / r["experiment"] / _ours_file(r))
+               for r in table["rows"]}
+    first = results[(table["rows"][0]["experiment"], bool(table["rows"][0].get("tta")))]
+    split = table.get("paper_split", "val2017")
+    lines = [f"# Table {name.removeprefix('table')}: {table['title']}", ""]
+    lines.append(
+        f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on `{first['annotations']}` "
+        f"({first['images']} images). Paper: {PAPER}, COCO {split}"
+        + (" as scored by the COCO server; ours are not on test-dev (`dyhead evaluate --split test-dev` writes "
+           "the server's upload file)" if split == "test-dev" else "")
+        + ". Rows marked *quoted* are other methods' results as the paper prints them, not run here. "
+        "AP in percent; Δ = ours − paper."
+    )
+    lines.append("")
+    header = list(labels) + ["ours"]
+    for m in metrics:
+        header += [m, f"{m} (paper)", f"Δ{m}"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    for is_ours, row in _ordered(table):
+        cells = [str(row["label"].get(k, "")) for k in labels]
+        paper = row["paper"]
+        if not is_ours:
+            cells.append("quoted")
+            for m in metrics:
+                cells += ["–", _fmt(paper.get(m)), "–"]
+        else:
+            ours = results[(row["experiment"], bool(row.get("tta")))]["metrics"]
+            cells.append(f"`{row['experiment']}`" + (" + TTA" if row.get("tta") else ""))
+            for m in metrics:
+                cells += [_fmt(ours.get(m)), _fmt(paper.get(m)), _fmt(_diff(ours.get(m), paper.get(m)), True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+
+    solver = profile["solver"]
+    trained = []
+    for exp in matrix.table_experiments(name):
+        train = load_json(runs / exp / "train.json")
+        size = train["config"]["profile_settings"]["input"]["min_size_train"]
+        size = f"short side {size[0]}–{size[1]} px (multi-scale)" if isinstance(size, list) else f"short side {size} px"
+        trained.append(f"`{exp}` {train['iterations']} iterations, {size}")
+    schedules = ", ".join(f"{k} = {v}" for k, v in solver["schedules"].items())
+    lines.append(f"Training ({profile_name}, batch {solver['batch_size']}, base lr {solver['base_lr']}, "
+                 f"{schedules} iterations): " + "; ".join(trained) + ".")
+    lines.append("")
+    paper_ap = {(r["experiment"], bool(r.get("tta"))): r["paper"].get("AP") for r in table["rows"]}
+    for (exp, tta), rec in results.items():
+        if not tta:
+            continue
+        t = rec["tta"]
+        ranges = "per-scale size ranges " + str(t["size_ranges"]) if t["size_ranges"] else "no size ranges"
+        text = (f"TTA (`{exp}`): short sides {t['scales']}" + (", each also mirrored" if t["flip"] else "")
+                + f", {ranges}, merged by class-wise NMS at IoU {t['nms_thresh']}, best {t['detections_per_img']} "
+                f"kept; {rec['eval_seconds']} s for {rec['images']} images.")
+        plain = results.get((exp, False))
+        if plain is not None:
+            gain = _diff(rec["metrics"]["AP"], plain["metrics"]["AP"])
+            text += f" It changes AP by {_fmt(gain, True)} here"
+            paper_gain = _diff(paper_ap.get((exp, True)), paper_ap.get((exp, False)))
+            text += f" (paper: {_fmt(paper_gain, True)})." if paper_gain is not None else "."
+        lines += [text, ""]
+    return "\n".join(lines)
+
+
 def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path = Path("runs")) -> str:
     table = matrix.tables[name]
+    if "literature" in table:  # Tables 4-5: a comparison with quoted methods, not an ablation
+        return render_comparison(name, matrix, profile_name, runs_root)
     profile = load_profile(profile_name)
     metrics = table["metrics"]
     results = {}
     for exp in matrix.table_experiments(name):
         results[exp] = load_json(runs_root / profile_name / exp / "metrics.json")
     base_exp = table["rows"][0]["experiment"]
-    base_ours = results[base_exp]["metrics"]["AP"]
-    base_paper = table["rows"][0]["paper"]["AP"]
+    # A table of detectors (Table 3) pairs each detector's rows with its own baseline (its first row)
+    # and prints absolute GFLOPs; the others measure every row against the table's first row.
+    grouped = GROUP_LABEL in table["labels"]
+    baseline_of = _baselines(table["rows"], GROUP_LABEL if grouped else None)
 
-    lines = [f"# {name.capitalize().replace('table', 'Table ')}: {table['title']}", ""]
+    lines = [f"# Table {name.removeprefix('table')}: {table['title']}", ""]
     first = results[base_exp]
     lines.append(
         f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on "
         f"`{first['annotations']}` ({first['images']} images). Paper: {PAPER}, COCO val2017. "
-        "AP in percent; Δ = ours − paper. The first row is the baseline; *gain* is the AP change against it."
+        "AP in percent; Δ = ours − paper. "
+        + ("Each detector's first row is its baseline; *gain* is the AP change against it."
+           if grouped else "The first row is the baseline; *gain* is the AP change against it.")
     )
     lines.append("")
 
     header = list(table["labels"])
     if table.get("flops"):
-        header += ["GFLOPs", "GFLOPs (paper)", "Δ%"]
+        header += ["GFLOPs"] if grouped else ["GFLOPs", "GFLOPs (paper)", "Δ%"]
     header += ["AP gain", "AP gain (paper)"]
     for m in metrics:
         header += [m, f"{m} (paper)", f"Δ{m}"]
@@ -61,7 +180,12 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
         exp, paper = row["experiment"], row["paper"]
         ours = results[exp]["metrics"]
         cells = [str(row["label"][k]) for k in table["labels"]]
-        if table.get("flops"):
+        base_row = baseline_of[i]
+        base_ours = results[base_row["experiment"]]["metrics"]["AP"]
+        base_paper = base_row["paper"].get("AP")
+        if table.get("flops") and grouped:
+            cells.append(_fmt(flops[exp]))
+        elif table.get("flops"):
             if i == 0:
                 ours_g, paper_g = flops[exp], paper.get("GFLOPs")
             else:  # the paper gives the change against the baseline
@@ -74,7 +198,17 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
 
-    if table.get("flops"):
+    if table.get("flops") and grouped:
+        lines.append(
+            "GFLOPs: multiply-adds of the **coco-profile** model (ResNet-50, 256-channel FPN and head) on one "
+            "800×1333 image padded to 800×1344, deformable convs counted, from `dyhead flops`; the same whichever "
+            "profile trained the models. Faster R-CNN's count includes its RoI head on a fixed 1000 proposals. "
+            "The paper gives no GFLOPs for this table."
+        )
+        lines.append("")
+        lines.append(_verdict(table["rows"], baseline_of, results, profile_name))
+        lines.append("")
+    elif table.get("flops"):
         lines.append(
             "GFLOPs: multiply-adds of the **coco-profile** model (ResNet-50, 256-channel FPN and head) on one "
             "800×1333 image padded to 800×1344, deformable convs counted, from `dyhead flops`; they need no "
@@ -96,9 +230,21 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
         f"Training ({profile_name}): {train['iterations']} iterations at batch "
         f"{profile['solver']['batch_size']}, base lr {profile['solver']['base_lr']}, "
         f"images {profile['input']['min_size_train']} px, FPN/head width {profile['model']['fpn_channels']}."
+        + _lr_exceptions(table["rows"], profile["solver"]["base_lr"], runs_root / profile_name)
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def _lr_exceptions(rows: list[dict], base_lr: float, runs: Path) -> str:
+    """' Rows trained at another lr (per-experiment `solver` override): ...', from their train.json."""
+    other = {}
+    for row in rows:
+        config = load_json(runs / row["experiment"] / "train.json").get("config", {})
+        lr = config.get("profile_settings", {}).get("solver", {}).get("base_lr", base_lr)
+        if lr != base_lr:
+            other.setdefault(lr, []).append(f"`{row['experiment']}`")
+    return "".join(f" Base lr {lr:g} for {', '.join(exps)}." for lr, exps in other.items())
 
 
 def write_table(name: str, matrix: Matrix, profile_name: str, out: Path, runs_root: Path = Path("runs")) -> str:

@@ -28,6 +28,13 @@ def table_runs(table, filename):
     return [f"{RUNS}/{exp}/{filename}" for exp in MATRIX.table_experiments(table)]
 
 
+def dyhead_launcher(wildcards, resources):
+    """`dyhead`, or one torchrun over all of the job's GPUs when it has some (slurm profile: gpu=8)."""
+    if resources.gpu > 0:
+        return f"torchrun --standalone --nproc_per_node {resources.gpu} -m dyhead.cli"
+    return "dyhead"
+
+
 wildcard_constraints:
     exp="|".join(sorted(MATRIX.experiments, key=len, reverse=True)),
     table="|".join(sorted(MATRIX.tables)),

@@ -3,6 +3,7 @@ def report_inputs(wildcards):
     files = table_runs(wildcards.table, "metrics.json") + table_runs(wildcards.table, "train.json")
     if table.get("flops"):
         files += table_runs(wildcards.table, "flops.json")
+    files += tta_inputs(wildcards.table)  # rows reporting test-time augmentation (tta.smk)
     return files
 
 

@@ -2,6 +2,8 @@ rule train:
     input:
         data=data_ready(),
         ext="build/ext/manifest.json",
+        weights=backbone_weights,  # ImageNet file, if the profile's backbone loads one (coco.smk)
+        gpus=gpu_checked,  # the GPU check, when trainings ask for GPUs (gpu.smk)
     output:
         model=f"{RUNS}/{{exp}}/model_final.pth",
         summary=f"{RUNS}/{{exp}}/train.json",
@@ -9,11 +11,13 @@ rule train:
         f"logs/{PROFILE}/{{exp}}/train.log",
     params:
         profile=PROFILE,
+        dyhead=dyhead_launcher,
     threads: PROFILE_CFG["runtime"]["threads"]
     resources:
         mem_mb=4000,
+        gpu=0,  # the slurm profile sets 8: one torchrun over them
     shell:
-        "dyhead train {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
+        "{params.dyhead} train {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
 
 
 rule evaluate:
@@ -27,9 +31,12 @@ rule evaluate:
         f"logs/{PROFILE}/{{exp}}/evaluate.log",
     params:
         profile=PROFILE,
+        dyhead=dyhead_launcher,
     threads: PROFILE_CFG["runtime"]["threads"]
+    resources:
+        gpu=0,  # the slurm profile sets 8: the val set sharded over them
     shell:
-        "dyhead evaluate {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
+        "{params.dyhead} evaluate {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
 
 
 rule flops:

@@ -1,0 +1,159 @@
+"""dvc.yaml from the experiment matrix: the experiments and `dyhead` commands of the Snakefile.
+
+The Snakefile and dvc.yaml are two views of one pipeline, both read from params/: Snakemake
+schedules it (locally, on SLURM), DVC versions what it makes. Stages, for one profile:
+  synth | fetch_coco, fetch_weights@<file>, build_ext      the inputs every training needs
+  train@<id>, evaluate@<id>, flops@<id>, evaluate_tta@<id>  per experiment (foreach over the ids
+                                                          of the tables that report them)
+  report-<table>                                          per table (DVC cannot template dep lists)
+The commands are the Snakemake rules' shell commands without their `2>&1 | tee <log>` (a test
+compares them job by job). Checkpoints and predictions are cached outs, pushed to the remote;
+metrics.json and flops.json are uncached `metrics`; train.json and the reports uncached outs.
+
+Each experiment stage tracks the params it reads, and only those, so a changed hyperparameter
+re-runs exactly the experiments it touches: its own entry `experiments.<id>`, and of the profile
+`data`, `input`, `runtime`, the shared `model.*` keys, `model.backbones.<its backbone>`, the
+solver keys (logging and checkpoint periods excluded) and `solver.schedules.<its schedule>`.
+"""
+from __future__ import annotations
+
+import yaml
+
+from dyhead.config import Matrix, load_matrix, load_profile, repo_root
+from dyhead.errors import DyheadError
+
+HEADER = """\
+# Generated from params/ by `dyhead dvc-yaml --profile {profile}`: do not edit, regenerate.
+# Same experiments and commands as the Snakefile (tests/test_dvc.py checks); `dvc repro` runs them
+# one after another on this machine, Snakemake runs them in parallel or on SLURM (docs/cluster.md).
+"""
+CODE = ["dyhead/modeling", "dyhead/data", "dyhead/ops", "dyhead/engine", "dyhead/config.py"]
+UNTRACKED_SOLVER_KEYS = ("checkpoint_period", "log_period")  # no effect on the weights
+
+
+class Inline(dict):
+    """A mapping written on one line: foreach items, {cache: false}."""
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data) -> bool:  # no &id001 anchors: a generated file people read
+        return True
+
+
+_Dumper.add_representer(Inline, lambda d, data: d.represent_mapping("tag:yaml.org,2002:map", data, flow_style=True))
+UNCACHED = Inline(cache=False)
+
+
+def experiment_param_keys(profile: dict, stage: str) -> list[str]:
+    """Profile keys an experiment stage reads, templated on the foreach item's backbone/schedule."""
+    keys = [k for k in ("data", "input", "runtime") if k in profile]
+    keys += [f"model.{k}" for k in profile["model"] if k != "backbones"] + ["model.backbones.${item.backbone}"]
+    if stage in ("train", "evaluate", "evaluate_tta"):
+        keys += [f"solver.{k}" for k in profile["solver"] if k not in UNTRACKED_SOLVER_KEYS + ("schedules",)]
+        keys.append("solver.schedules.${item.schedule}")
+    if stage in ("evaluate", "evaluate_tta"):
+        keys.append("eval")
+    if stage == "evaluate_tta" and "tta" in profile:
+        keys.append("tta")
+    return keys
+
+
+def _foreach(ids: list[str], matrix: Matrix, stage: dict) -> dict:
+    for exp in ids:
+        if "." in exp:  # DVC reads `experiments.<id>` as a path of keys
+            raise DyheadError(f"params/experiments.yaml: {exp}: a '.' in an id cannot be tracked by DVC")
+    items = {exp: Inline(backbone=matrix.experiments[exp]["backbone"], schedule=matrix.experiments[exp]["schedule"])
+             for exp in ids}
+    return {"foreach": items, "do": stage}
+
+
+def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
+    root = repo_root()
+    matrix, profile = load_matrix(root), load_profile(profile_name, root)
+    tables = tables or sorted(matrix.tables)
+    ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
+    flops_tables = [t for t in tables if matrix.tables[t].get("flops")]  # as the report rule asks for
+    flops_ids = list(dict.fromkeys(e for t in flops_tables for e in matrix.table_experiments(t)))
+    tta_ids = list(dict.fromkeys(r["experiment"] for t in tables for r in matrix.tables[t]["rows"] if r.get("tta")))
+    data, threads = profile["data"], profile["runtime"]["threads"]
+    runs, pfile = f"runs/{profile_name}", f"params/profiles/{profile_name}.yaml"
+    stages: dict = {}
+
+    if data["source"] == "synthetic":
+        stages["synth"] = {"cmd": f"dyhead synth --profile {profile_name}", "deps": ["dyhead/data"],
+                           "params": [{pfile: ["data"]}], "outs": [data["root"]]}
+        data_deps = [data["root"]]
+    else:
+        annotations = [data[k] for k in ("train_annotations", "val_annotations", "test_annotations") if k in data]
+        # 26 GB of images are fetched and verified in place, never copied into the DVC cache
+        stages["fetch_coco"] = {"cmd": f"dyhead fetch-coco --profile {profile_name}", "params": [{pfile: ["data"]}],
+                                "outs": [{p: Inline(cache=False, persist=True)}
+                                         for p in annotations + [f"{data['root']}/fetch.json"]]}
+        data_deps = [f"{data['root']}/fetch.json"]
+    weights = _weights(matrix, profile, ids)
+    if weights:
+        from dyhead.modeling.pretrained import arch_of_file
+
+        files = {path.rsplit("/", 1)[-1]: Inline(arch=arch_of_file(path), dir=path.rsplit("/", 1)[0], path=path)
+                 for path in sorted(set(weights.values()))}
+        stages["fetch_weights"] = {"foreach": files, "do": {
+            "cmd": "dyhead fetch-weights ${item.arch} --dir ${item.dir}", "outs": ["${item.path}"]}}
+    cuda = "off" if profile["runtime"]["device"] == "cpu" else "auto"  # CUDA kernels only for CUDA profiles
+    stages["build_ext"] = {"cmd": f"dyhead build-ext --build-dir build/ext --cuda {cuda} --allow-fallback",
+                           "deps": ["dyhead/csrc", "dyhead/ops"],
+                           "outs": [{"build/ext/manifest.json": UNCACHED}]}
+
+    def exp_params(stage: str) -> list[dict]:
+        return [{"params/experiments.yaml": ["experiments.${key}"]}, {pfile: experiment_param_keys(profile, stage)}]
+
+    train_deps = data_deps + ["build/ext/manifest.json"] + CODE
+    stages["train"] = _foreach(ids, matrix, {
+        "cmd": f"dyhead train ${{key}} --profile {profile_name} --threads {threads}",
+        "deps": train_deps, "params": exp_params("train"),
+        "outs": [f"{runs}/${{key}}/model_final.pth", {f"{runs}/${{key}}/train.json": UNCACHED}]})
+    if weights:  # the experiments of one foreach share deps: all of the profile's weight files
+        stages["train"]["do"]["deps"] = train_deps + sorted(set(weights.values()))
+    stages["evaluate"] = _foreach(ids, matrix, {
+        "cmd": f"dyhead evaluate ${{key}} --profile {profile_name} --threads {threads}",
+        "deps": data_deps + [f"{runs}/${{key}}/model_final.pth"] + CODE, "params": exp_params("evaluate"),
+        "outs": [f"{runs}/${{key}}/predictions.json"],
+        "metrics": [{f"{runs}/${{key}}/metrics.json": UNCACHED}]})
+    if tta_ids:
+        stages["evaluate_tta"] = _foreach(tta_ids, matrix, {
+            "cmd": f"dyhead evaluate ${{key}} --profile {profile_name} --tta --threads {threads}",
+            "deps": data_deps + [f"{runs}/${{key}}/model_final.pth"] + CODE, "params": exp_params("evaluate_tta"),
+            "outs": [f"{runs}/${{key}}/predictions_tta.json"],
+            "metrics": [{f"{runs}/${{key}}/metrics_tta.json": UNCACHED}]})
+    flops_params = exp_params("flops")
+    if profile_name != "coco":  # the flops command also counts the coco-profile model at 800x1344
+        flops_params.append({"params/profiles/coco.yaml": experiment_param_keys(load_profile("coco", root), "flops")})
+    if flops_ids:
+        stages["flops"] = _foreach(flops_ids, matrix, {
+            "cmd": f"dyhead flops ${{key}} --profile {profile_name}",
+            "deps": ["dyhead/modeling", "dyhead/ops", "dyhead/engine/flops.py"], "params": flops_params,
+            "metrics": [{f"{runs}/${{key}}/flops.json": UNCACHED}]})
+
+    for table in tables:
+        spec = matrix.tables[table]
+        exps = matrix.table_experiments(table)
+        deps = [f"{runs}/{e}/metrics.json" for e in exps] + [f"{runs}/{e}/train.json" for e in exps]
+        if spec.get("flops"):
+            deps += [f"{runs}/{e}/flops.json" for e in exps]
+        deps += [f"{runs}/{r['experiment']}/metrics_tta.json" for r in spec["rows"] if r.get("tta")]
+        stages[f"report-{table}"] = {
+            "cmd": f"dyhead report {table} --profile {profile_name} --out reports/{table}.md",
+            "deps": deps + ["dyhead/report"], "params": [{"params/tables.yaml": [table]}, {pfile: None}],
+            "outs": [{f"reports/{table}.md": UNCACHED}]}
+    return {"stages": stages}
+
+
+def _weights(matrix: Matrix, profile: dict, ids: list[str]) -> dict[str, str]:
+    backbones = profile["model"]["backbones"]
+    return {e: backbones[matrix.experiments[e]["backbone"]]["weights"] for e in ids
+            if backbones.get(matrix.experiments[e]["backbone"], {}).get("weights")}
+
+
+def render(profile_name: str, tables: list[str] | None = None) -> str:
+    body = yaml.dump(build_stages(profile_name, tables), Dumper=_Dumper, sort_keys=False, width=110,
+                     allow_unicode=True)
+    return HEADER.format(profile=profile_name) + body

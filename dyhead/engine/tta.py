@@ -1,0 +1,187 @@
+"""Test-time augmentation: several input scales, each also mirrored, merged by class-wise NMS.
+
+Follows the ATSS official multi-scale test (atss_core/engine/bbox_aug_vote.py), the one the
+paper's Table 5 compares with: every scale runs on the image and on its mirror; scales up to the
+test size keep the profile's long-side limit, larger ones get `tta.max_size`; optional per-scale
+size ranges keep from each scale only the boxes whose sqrt(area), measured in that resized
+image, lies in (lo, hi), so large scales contribute small objects and small scales large ones.
+Boxes are mapped back to the original image before merging. The official code merges with soft
+bounding-box voting; here it is plain class-wise NMS at the detector's test threshold.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from dyhead.config import RunConfig
+from dyhead.data.coco import CocoDetection, collate
+from dyhead.data.synthetic import area_ranges
+from dyhead.data.transforms import ResizeShortestSide
+from dyhead.engine import distributed
+from dyhead.engine.checkpoint import load_checkpoint, save_json
+from dyhead.engine.evaluate import coco_metrics, predict, to_coco_results
+from dyhead.engine.tracking import log_run_outputs
+from dyhead.engine.train import _to_device, settings_digest, setup_runtime
+from dyhead.errors import DyheadError
+from dyhead.modeling.build import build_detector
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    scales: tuple[int, ...]  # short side of each view
+    max_size: int  # long-side limit of the views larger than the test size
+    base_size: int  # the profile's test size: views up to it keep `base_max_size`
+    base_max_size: int
+    flip: bool = True
+    size_ranges: tuple[tuple[float, float], ...] | None = None  # per scale, sqrt(area) in the resized image
+    nms_thresh: float = 0.6  # ATSS test NMS
+    detections_per_img: int = 100
+    batch_size: int | None = None  # images per forward pass; None: the profile's eval.batch_size
+
+    def __post_init__(self):
+        if self.size_ranges is not None and len(self.size_ranges) != len(self.scales):
+            raise DyheadError(f"tta.size_ranges: {len(self.size_ranges)} ranges for {len(self.scales)} scales")
+
+    def max_size_for(self, scale: int) -> int:
+        return self.base_max_size if scale <= self.base_size else self.max_size
+
+    def views(self):
+        """(scale, flipped, size range or None) for every forward pass."""
+        for i, scale in enumerate(self.scales):
+            rng = self.size_ranges[i] if self.size_ranges is not None else None
+            for flipped in ((False, True) if self.flip else (False,)):
+                yield scale, flipped, rng
+
+
+def tta_config(profile: dict, profile_name: str = "") -> TTAConfig:
+    if "tta" not in profile:
+        raise DyheadError(f"params/profiles/{profile_name}.yaml: no `tta` section (needed by --tta)")
+    t, inp = profile["tta"], profile["input"]
+    ranges = t.get("size_ranges")
+    return TTAConfig(
+        scales=tuple(t["scales"]), max_size=t["max_size"], base_size=inp["min_size_test"],
+        base_max_size=inp["max_size"], flip=t.get("flip", True),
+        size_ranges=tuple(tuple(r) for r in ranges) if ranges else None,
+        nms_thresh=t.get("nms_thresh", 0.6), detections_per_img=t.get("detections_per_img", 100),
+        batch_size=t.get("batch_size"),
+    )
+
+
+def resize(image: Tensor, scale: int, max_size: int) -> tuple[Tensor, tuple[float, float]]:
+    """The evaluation resize (same rounding), returning the per-axis factors."""
+    target = {"boxes": torch.zeros((0, 4))}
+    out, target = ResizeShortestSide(scale, max_size)(image, target, random.Random(0))
+    return out, target["scale_xy"]
+
+
+def to_original(boxes: Tensor, scale_xy: tuple[float, float], flipped: bool, width: int) -> Tensor:
+    """Boxes predicted on a resized (and maybe mirrored, `width` px wide) view -> original pixels."""
+    if flipped:
+        boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+    sx, sy = scale_xy
+    return boxes / boxes.new_tensor([sx, sy, sx, sy])
+
+
+def in_size_range(boxes: Tensor, lo: float, hi: float) -> Tensor:
+    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    return (area > lo * lo) & (area < hi * hi)
+
+
+def merge(detections: list[dict], nms_thresh: float, keep: int) -> dict:
+    """One image's detections from all views (original pixels) -> class-wise NMS, best `keep`."""
+    boxes = torch.cat([d["boxes"] for d in detections])
+    scores = torch.cat([d["scores"] for d in detections])
+    labels = torch.cat([d["labels"] for d in detections])
+    idx = batched_nms(boxes, scores, labels, nms_thresh)[:keep]  # sorted by decreasing score
+    return {"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]}
+
+
+@torch.no_grad()
+def predict_tta(model, images: list[Tensor], cfg: TTAConfig) -> list[dict]:
+    """Detections of `model` on original images (float 0..1, [3, H, W]) under every view, merged."""
+    per_image: list[list[dict]] = [[] for _ in images]
+    for scale, flipped, rng in cfg.views():
+        views, factors = zip(*(resize(im, scale, cfg.max_size_for(scale)) for im in images))
+        views = [v.flip(-1) for v in views] if flipped else list(views)
+        for i, (out, view, sxy) in enumerate(zip(model(views), views, factors)):
+            boxes = out["boxes"]
+            keep = in_size_range(boxes, *rng) if rng is not None else slice(None)
+            per_image[i].append({
+                "boxes": to_original(boxes[keep], sxy, flipped, view.shape[-1]),
+                "scores": out["scores"][keep], "labels": out["labels"][keep],
+            })
+    return [merge(dets, cfg.nms_thresh, cfg.detections_per_img) for dets in per_image]
+
+
+def load_trained(run: RunConfig, category_ids: list[int], device, backend: str, annotations: str):
+    """The experiment's final weights in an eval-mode model, checked against the data's categories."""
+    weights = run.run_dir / "model_final.pth"
+    ckpt = load_checkpoint(weights)
+    if ckpt.get("category_ids") != category_ids:
+        raise DyheadError(f"{weights}: trained on categories {ckpt.get('category_ids')}, {annotations} has "
+                          f"{category_ids}")
+    model = build_detector(run, len(category_ids), backend, load_weights=False).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def predict_dataset_tta(model, dataset, cfg: TTAConfig, batches: list[list[int]], device, log=print, tag: str = ""):
+    """COCO result entries for `batches` (index lists) of a dataset yielding original images (no transforms)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    results, t0, n = [], time.perf_counter(), len(loader)
+    for i, (images, targets) in enumerate(loader, 1):
+        images, _ = _to_device(images, [], device)
+        for out, tgt in zip(predict_tta(model, images, cfg), targets):
+            results.extend(to_coco_results(out, tgt, dataset.label_to_category))
+        if i % 20 == 0 or i == n:
+            log(f"[{tag}] tta {i}/{n} batches, {(time.perf_counter() - t0) / i:.2f}s/batch")
+    return results
+
+
+def predict_sharded(model, dataset, cfg: TTAConfig | None, batch_size: int, ctx, log, tag: str) -> list[dict] | None:
+    """Under torchrun each rank takes every world_size-th batch and rank 0 gathers (None elsewhere);
+    `cfg` None is the plain single-view prediction."""
+    batches = distributed.shard_batches(len(dataset), batch_size, ctx)
+    if cfg is None:
+        results = predict(model, dataset, batch_size, ctx.device, log, tag, batches)
+    else:
+        results = predict_dataset_tta(model, dataset, cfg, batches, ctx.device, log, tag)
+    ids = dataset.image_ids
+    return distributed.gather_predictions(results, [ids[i] for b in batches for i in b], ids, ctx)
+
+
+def evaluate_tta(run: RunConfig, *, threads: int | None = None, backend: str | None = None, log=print) -> dict:
+    """Like `evaluate`, with TTA: writes predictions_tta.json and metrics_tta.json beside the weights."""
+    cfg = tta_config(run.profile, run.profile_name)
+    device, backend = setup_runtime(run, threads, backend)
+    ctx = distributed.init(device)  # under torchrun: each rank predicts a shard, rank 0 scores
+    log = log if ctx.is_main else (lambda *a, **k: None)
+    data = run.profile["data"]
+    dataset = CocoDetection(data["val_images"], data["val_annotations"], train=False, transforms=None)
+    model = load_trained(run, dataset.category_ids, ctx.device, backend, data["val_annotations"])
+    log(f"[{run.experiment}] tta: {len(list(cfg.views()))} views per image (scales {list(cfg.scales)}, "
+        f"flip {cfg.flip}, size ranges {'on' if cfg.size_ranges else 'off'})")
+    t0 = time.perf_counter()
+    batch = cfg.batch_size or run.profile["eval"]["batch_size"]
+    results = predict_sharded(model, dataset, cfg, batch, ctx, log, run.experiment)
+    if not ctx.is_main:
+        return {}
+    seconds = time.perf_counter() - t0
+    out = run.run_dir
+    save_json(out / "predictions_tta.json", results)
+    synth = data.get("synthetic") if data["source"] == "synthetic" else None
+    ranges = area_ranges(synth["image_size"]) if synth else None
+    metrics = coco_metrics(dataset.coco, results, dataset.image_ids, ranges)
+    record = {"experiment": run.experiment, "profile": run.profile_name, "split": "val", "area_ranges": ranges,
+              "annotations": data["val_annotations"], "images": len(dataset), "detections": len(results),
+              "eval_seconds": round(seconds, 1), "dcn_backend": backend, "tta": asdict(cfg), "metrics": metrics}
+    save_json(out / "metrics_tta.json", record)
+    log_run_outputs(run, "evaluate_tta", settings_digest(run), [out / "metrics_tta.json"],
+                    {f"tta_{k}": v for k, v in metrics.items()}, run.max_iter)
+    log(f"[{run.experiment}] tta " + " ".join(f"{k} {v}" for k, v in metrics.items()))
+    return record

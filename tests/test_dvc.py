@@ -1,0 +1,202 @@
+"""dvc.yaml: generated from params/, the same experiments and commands as the Snakefile, params
+tracked per experiment, and a real `dvc repro` / push / pull round trip in a fresh git repository."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.test_distributed import _dry_run_jobs
+
+
+def run(*cmd, cwd, check=True):
+    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def dvc(*args, cwd, check=True):
+    return run(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
+
+
+def dyhead(*args, cwd):
+    return run(sys.executable, "-m", "dyhead.cli", *args, cwd=cwd)
+
+
+@pytest.fixture
+def dvc_repo(repo_copy):
+    """The scratch copy as a fresh git + DVC repository, with the package sources the stages depend on."""
+    shutil.copytree(REPO / "dyhead", repo_copy / "dyhead", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(REPO / ".dvc", repo_copy / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    shutil.copy(REPO / ".dvcignore", repo_copy / ".dvcignore")
+    run("git", "init", "-q", cwd=repo_copy)
+    return repo_copy
+
+
+def dvc_stages(root: Path) -> dict[str, str]:
+    """Stage name -> command, as DVC itself expands dvc.yaml (foreach included)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {stage.addressing: stage.cmd for stage in repo.index.stages}
+
+
+def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str, str]:
+    """Job -> command of a full dry run, named as dvc.yaml names its stages; without `2>&1 | tee log`."""
+    # --cores: a dry run otherwise caps every job's threads at 1
+    proc = run(sys.executable, "-m", "snakemake", *targets, "-n", "-p", "-F", "--cores", "1024",
+               "--config", f"profile={profile}", cwd=root)
+    names = {}
+    for job in _dry_run_jobs(proc.stdout + proc.stderr):
+        if job["rule"] == "all":
+            continue
+        wildcards = dict(w.split("=", 1) for w in job["wildcards"].split(", ") if w)
+        if job["rule"] == "report":
+            name = f"report-{wildcards['table']}"
+        elif "exp" in wildcards:
+            name = f"{job['rule']}@{wildcards['exp']}"
+        elif job["rule"] == "fetch_weights":
+            name = f"fetch_weights@{wildcards['file']}"
+        else:
+            name = job["rule"]
+        names[name] = re.sub(r"\s+", " ", re.sub(r" 2>&1 \| tee \S+$", "", job["shell"])).strip()
+    return names
+
+
+def test_dvc_yaml_is_what_params_give():
+    """The committed dvc.yaml is the generator's output for the default profile (regenerate with
+    `dyhead dvc-yaml` after editing params/experiments.yaml or params/tables.yaml)."""
+    proc = subprocess.run([sys.executable, "-m", "dyhead.cli", "dvc-yaml", "--check"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("profile", ["mini", "coco"])
+def test_snakemake_and_dvc_run_the_same_experiments_with_the_same_commands(dvc_repo, profile):
+    """The committed dvc.yaml (mini), and one generated for coco, against Snakemake's full dry run."""
+    if profile == "mini":
+        shutil.copy(REPO / "dvc.yaml", dvc_repo / "dvc.yaml")
+    else:
+        dyhead("dvc-yaml", "--profile", profile, cwd=dvc_repo)
+    dvc_view = dvc_stages(dvc_repo)
+    smk_view = snakemake_commands(dvc_repo, profile, ["all"])
+    assert sorted(dvc_view) == sorted(smk_view)
+    for name, cmd in smk_view.items():
+        assert dvc_view[name] == cmd, name
+    trained = {n.split("@")[1] for n in dvc_view if n.startswith("train@")}
+    import dyhead.config as config
+
+    matrix = config.load_matrix(REPO)
+    assert trained == {e for t in matrix.tables for e in matrix.table_experiments(t)}
+
+
+def _fake_outputs(root: Path) -> None:
+    """Every stage's outputs as placeholder files, so `dvc commit` records a lock without running."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        for stage in repo.index.stages:
+            for out in stage.outs:
+                path = Path(out.fs_path)
+                if stage.addressing == "synth":
+                    path = path / "synth.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(stage.addressing)
+
+
+def _changed(root: Path) -> set[str]:
+    return set(json.loads(dvc("status", "--json", cwd=root).stdout or "{}"))
+
+
+def _edit_yaml(path: Path, edit) -> str:
+    before = path.read_text()
+    data = yaml.safe_load(before)
+    edit(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return before
+
+
+@pytest.mark.slow
+def test_a_changed_hyperparameter_reruns_exactly_the_experiments_it_touches(dvc_repo):
+    root = dvc_repo
+    dyhead("dvc-yaml", "--profile", "tiny", cwd=root)
+    _fake_outputs(root)
+    dvc("commit", "-f", "-q", cwd=root)
+    assert _changed(root) == set()
+    matrix = __import__("dyhead.config", fromlist=["load_matrix"]).load_matrix(root)
+    ids = {e for t in matrix.tables for e in matrix.table_experiments(t)}
+    tta = {r["experiment"] for t in matrix.tables.values() for r in t["rows"] if r.get("tta")}
+    reports = {f"report-{t}" for t in matrix.tables}  # a report reads the whole profile: cheap, always redone
+    profile = root / "params/profiles/tiny.yaml"
+
+    stages = set(dvc_stages(root))
+
+    def experiment_stages(exps, kinds=("train", "evaluate")):
+        return ({f"{k}@{e}" for e in exps for k in kinds} | {f"evaluate_tta@{e}" for e in exps & tta}) & stages
+
+    # the 2x schedule length: the 2x experiments, nothing else
+    two_x = {e for e in ids if matrix.experiments[e]["schedule"] == "2x"}
+    assert two_x and two_x != ids
+    before = _edit_yaml(profile, lambda p: p["solver"]["schedules"].update({"2x": 9}))
+    assert _changed(root) == experiment_stages(two_x) | reports
+    profile.write_text(before)
+
+    # one backbone's settings: its experiments (and their FLOPs), nothing else
+    r101 = {e for e in ids if matrix.experiments[e]["backbone"] == "r101"}
+    before = _edit_yaml(profile, lambda p: p["model"]["backbones"]["r101"].update({"base_width": 12}))
+    assert _changed(root) == experiment_stages(r101, ("train", "evaluate", "flops")) | reports
+    profile.write_text(before)
+
+    # the logging period changes no weights: no experiment re-runs
+    before = _edit_yaml(profile, lambda p: p["solver"].update({"log_period": 3}))
+    assert _changed(root) == reports
+    profile.write_text(before)
+
+    # a paper number of Table 1: its report alone
+    tables = root / "params/tables.yaml"
+    _edit_yaml(tables, lambda t: t["table1"]["rows"][0]["paper"].update({"AP": 1.0}))
+    assert _changed(root) == {"report-table1"}
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_repro_push_pull_and_nothing_left_to_do(dvc_repo, monkeypatch):
+    """Tiny Tables 1-2: `dvc repro` runs every stage, `dvc push` stores the checkpoints in the
+    default remote beside the repository, `dvc pull` brings deleted ones back, and a second
+    `dvc repro` finds nothing to do. The DVC view equals Snakemake's for the same targets."""
+    monkeypatch.setenv("DYHEAD_TRACKING", "off")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # the stages call `dyhead`
+    root = dvc_repo
+    dyhead("dvc-yaml", "--profile", "tiny", "--tables", "table1", "table2", cwd=root)
+    smk_view = snakemake_commands(root, "tiny", ["reports/table1.md", "reports/table2.md"])
+    assert dvc_stages(root) == smk_view
+
+    dvc("repro", cwd=root)
+    runs = sorted((root / "runs/tiny").glob("*/model_final.pth"))
+    assert len(runs) == len([n for n in smk_view if n.startswith("train@")]) > 10
+    assert (root / "reports/table1.md").exists() and (root / "reports/table2.md").exists()
+    assert "runs/tiny/atss-r50-base-1x/metrics.json" in dvc("metrics", "show", cwd=root).stdout
+
+    dvc("push", cwd=root)
+    remote = root.parent / "dyhead-dvc-remote"
+    assert remote.is_dir() and any(remote.rglob("*"))
+    digests = {p: _md5(p) for p in runs}
+    for p in runs:
+        p.unlink()
+    dvc("pull", cwd=root)
+    assert {p: _md5(p) for p in runs} == digests
+
+    again = dvc("repro", cwd=root)
+    assert "Running stage" not in again.stdout, again.stdout
+    assert _changed(root) == set()

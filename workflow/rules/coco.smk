@@ -1,0 +1,69 @@
+# Paper-scale inputs: COCO 2017 (coco profile) and the ImageNet weights any profile's backbones load.
+# Only the small files are declared outputs: Snakemake deletes a job's outputs before re-running it
+# and after a failure, which must never happen to 26 GB of images. The fetch itself skips what is
+# in place (fetch.json, per-archive markers under .fetch/).
+from dyhead.modeling.pretrained import IMAGENET, arch_of_file
+
+
+def _flags(**options):
+    """' --name value' for each option set in the Snakemake config (none by default)."""
+    return "".join(f" --{name.replace('_', '-')} {value}" for name, value in options.items() if value)
+
+
+if DATA["source"] == "coco":
+
+    rule fetch_coco:
+        output:
+            *[DATA[k] for k in ("train_annotations", "val_annotations", "test_annotations") if k in DATA],
+            marker=f"{DATA['root']}/fetch.json",
+        log:
+            f"logs/{PROFILE}/fetch_coco.log",
+        params:
+            profile=PROFILE,
+            extra=_flags(mirror=config.get("coco_mirror"), from_dir=config.get("coco_from_dir")),
+        resources:
+            downloads=1,
+        shell:
+            "dyhead fetch-coco --profile {params.profile}{params.extra} 2>&1 | tee {log}"
+
+    rule testdev:
+        # Not needed by the tables (ours are on val2017); the upload file for the COCO server.
+        input:
+            data=rules.fetch_coco.output.marker,
+            model=f"{RUNS}/{{exp}}/model_final.pth",
+        output:
+            f"{RUNS}/{{exp}}/detections_test-dev2017_{{exp}}{{tta,(-tta)?}}_results.zip",
+        log:
+            f"logs/{PROFILE}/{{exp}}/testdev{{tta}}.log",
+        params:
+            profile=PROFILE,
+            flag=lambda w: " --tta" if w.tta else "",
+            dyhead=dyhead_launcher,
+        threads: PROFILE_CFG["runtime"]["threads"]
+        resources:
+            gpu=0,
+        shell:
+            "{params.dyhead} evaluate {wildcards.exp} --profile {params.profile} --split test-dev{params.flag} "
+            "--threads {threads} 2>&1 | tee {log}"
+
+
+def backbone_weights(wildcards):
+    """The ImageNet file the experiment's backbone loads under this profile (none on mini)."""
+    backbone = PROFILE_CFG["model"]["backbones"].get(MATRIX.experiments[wildcards.exp]["backbone"], {})
+    return [backbone["weights"]] if backbone.get("weights") else []
+
+
+rule fetch_weights:
+    output:
+        "{directory}/{file}",
+    wildcard_constraints:
+        file="|".join(r.name for r in IMAGENET.values()),
+    log:
+        "logs/fetch_weights/{directory}/{file}.log",
+    params:
+        arch=lambda w: arch_of_file(w.file),
+        extra=_flags(from_dir=config.get("weights_from_dir")),
+    resources:
+        downloads=1,
+    shell:
+        "dyhead fetch-weights {params.arch} --dir {wildcards.directory}{params.extra} 2>&1 | tee {log}"
