@@ -1,7 +1,7 @@
 # The DAG: data (synth | fetch) -> build-ext -> train -> evaluate -> flops -> reports/tableN.md.
 # Which experiments exist and which table rows they feed is defined once, in params/.
 #   snakemake --cores all reports/table2.md                 # embedded default profile: mini
-#   snakemake --cores all --config profile=coco reports/table2.md
+#   snakemake --cores all reports/table2.md --config profile=coco
 import os
 import sys
 from pathlib import Path
