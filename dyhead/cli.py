@@ -109,6 +109,8 @@ def cmd_flops(args) -> None:
     from dyhead.config import resolve
     from dyhead.engine.checkpoint import save_json
     from dyhead.engine.flops import PAPER_INPUT, count_run
+    from dyhead.engine.tracking import log_run_outputs
+    from dyhead.engine.train import settings_digest
 
     run = resolve(args.experiment, args.profile)
     paper = count_run(resolve(args.experiment, "coco"), PAPER_INPUT, num_classes=80)
@@ -121,12 +123,17 @@ def cmd_flops(args) -> None:
               "coco": paper, args.profile: own}
     out = Path(args.out) if args.out else run.run_dir / "flops.json"
     save_json(out, record)
+    # FLOPs belong to the experiment's MLflow run (the one its training created) as a metric and an artifact
+    log_run_outputs(run, "flops", settings_digest(run), [out],
+                    {"gmacs_coco": paper["gmacs"], f"gmacs_{args.profile}": own["gmacs"]}, 0)
     print(f"[{args.experiment}] {paper['gmacs']:.2f} GMACs at {PAPER_INPUT[0]}x{PAPER_INPUT[1]} (coco profile); "
           f"{own['gmacs']:.3f} GMACs at {padded[0]}x{padded[1]} ({args.profile}) -> {out}")
 
 
 def cmd_report(args) -> None:
-    from dyhead.config import load_matrix
+    from dyhead.config import load_matrix, resolve
+    from dyhead.engine.tracking import log_run_outputs
+    from dyhead.engine.train import settings_digest
     from dyhead.report.tables import write_table
 
     matrix = load_matrix()
@@ -134,6 +141,11 @@ def cmd_report(args) -> None:
         raise DyheadError(f"unknown table {args.table!r}; params/tables.yaml defines {', '.join(sorted(matrix.tables))}")
     out = Path(args.out or f"reports/{args.table}.md")
     write_table(args.table, matrix, args.profile, out)
+    # the report goes to every run it summarises, so each run in `mlflow ui` links to its table
+    for exp in dict.fromkeys(matrix.table_experiments(args.table)):
+        run = resolve(exp, args.profile)
+        if (run.run_dir / "metrics.json").exists():
+            log_run_outputs(run, "report", settings_digest(run), [out], {}, 0)
     print(f"wrote {out} (profile {args.profile})")
 
 

@@ -106,6 +106,19 @@ def test_one_run_per_experiment_and_profile(store):
     assert client.get_run(t.run_id).info.lifecycle_stage == "deleted"
 
 
+def test_flops_logged_before_training_stay_with_the_run(store):
+    """Snakemake may count FLOPs before the training starts: the training adopts that run."""
+    run = resolve(EXP, "tiny", store)
+    tracking.log_run_outputs(run, "flops", "d1", [], {"gmacs_coco": 170.0}, 0)
+    t = Tracker.for_run(run, stage="train", digest="d1")
+    t.finish()
+    (only,) = active_runs(store, "tiny")
+    assert only.info.run_id == t.run_id and only.data.metrics["gmacs_coco"] == 170.0
+    again = Tracker.for_run(run, stage="train", digest="d1")  # a fresh training after that: a new run
+    again.finish()
+    assert [r.info.run_id for r in active_runs(store, "tiny")] == [again.run_id] != [t.run_id]
+
+
 def test_tracking_is_optional(store, monkeypatch, capsys):
     run = resolve(EXP, "tiny", store)
     with monkeypatch.context() as m:
@@ -294,4 +307,7 @@ def test_pipeline_run_lands_in_mlflow(store):
         assert "table2" in r.data.tags["tables"] and len(r.data.params) > 50
         assert {"AP", "AP50", "loss", "lr"} <= set(r.data.metrics)
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 4  # tiny: 4 iterations, log period 1
-        assert sorted(a.path for a in client.list_artifacts(r.info.run_id)) == ["metrics.json", "train.json"]
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"metrics.json", "train.json", "table2.md"} <= artifacts, artifacts
+        if not r.info.run_name.endswith("-seed1"):  # the rows' FLOPs (the noise run is not a row)
+            assert "flops.json" in artifacts and r.data.metrics["gmacs_coco"] > 100, r.info.run_name

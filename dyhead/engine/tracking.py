@@ -271,6 +271,8 @@ def _find_or_create(client, exp_id: str, run: RunConfig, stage: str, digest: str
     same = [r for r in found if r.data.tags.get("settings_digest") == digest]
     if stage == "train":
         current = same[0] if resumed and same else None  # only a resume continues a run
+        if current is None:  # adopt a run that only finished outputs (FLOPs, counted before training) made
+            current = next((r for r in same if r.data.tags.get("created_by", "train") != "train"), None)
         for r in found:  # one active run per key: older trainings stay restorable in MLflow's trash
             if current is None or r.info.run_id != current.info.run_id:
                 client.delete_run(r.info.run_id)
@@ -278,11 +280,13 @@ def _find_or_create(client, exp_id: str, run: RunConfig, stage: str, digest: str
         current = same[0] if same else (found[0] if found else None)
 
     if current is None:
-        created = client.create_run(exp_id, run_name=run.experiment, tags=tags)
+        created = client.create_run(exp_id, run_name=run.experiment, tags={**tags, "created_by": stage})
         return created.info.run_id, -1
     run_id = current.info.run_id
     from mlflow.entities import RunTag
 
+    if stage == "train":
+        tags = {**tags, "created_by": "train"}  # an adopted run is a training's run from now on
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.update_run(run_id, status="RUNNING")
     logged = [m.step for m in client.get_metric_history(run_id, "loss")] if stage == "train" else []
