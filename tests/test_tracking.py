@@ -110,10 +110,17 @@ def test_flops_logged_before_training_stay_with_the_run(store):
     """Snakemake may count FLOPs before the training starts: the training adopts that run."""
     run = resolve(EXP, "tiny", store)
     tracking.log_run_outputs(run, "flops", "d1", [], {"gmacs_coco": 170.0}, 0)
+    (made,) = active_runs(store, "tiny")
+    assert made.info.status == "FINISHED"
     t = Tracker.for_run(run, stage="train", digest="d1")
+    # FLOPs counted while the training runs land in its run and leave it RUNNING
+    tracking.log_run_outputs(run, "flops", "d1", [], {"gmacs_tiny": 0.5}, 0)
+    (only,) = active_runs(store, "tiny")
+    assert only.info.run_id == t.run_id == made.info.run_id and only.info.status == "RUNNING"
     t.finish()
     (only,) = active_runs(store, "tiny")
-    assert only.info.run_id == t.run_id and only.data.metrics["gmacs_coco"] == 170.0
+    assert only.data.metrics["gmacs_coco"] == 170.0 and only.data.metrics["gmacs_tiny"] == 0.5
+    assert only.info.status == "FINISHED"
     again = Tracker.for_run(run, stage="train", digest="d1")  # a fresh training after that: a new run
     again.finish()
     assert [r.info.run_id for r in active_runs(store, "tiny")] == [again.run_id] != [t.run_id]

@@ -174,6 +174,16 @@ class Tracker(NullTracker):
         self._finished = True
         self._call(lambda: self.client.set_terminated(self.run_id, status))
 
+    def finish_outputs(self, stage: str) -> None:
+        """After FLOPs or a report: close the run only if this stage created it (a training may be running)."""
+        self._finished = True
+
+        def close():
+            info = self.client.get_run(self.run_id)
+            if info.info.status == "RUNNING" and info.data.tags.get("created_by") == stage:
+                self.client.set_terminated(self.run_id, "FINISHED")
+        self._call(close)
+
     def _exit(self) -> None:
         if not self._finished:
             self.finish("FAILED")
@@ -288,7 +298,8 @@ def _find_or_create(client, exp_id: str, run: RunConfig, stage: str, digest: str
     if stage == "train":
         tags = {**tags, "created_by": "train"}  # an adopted run is a training's run from now on
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.update_run(run_id, status="RUNNING")
+    if stage in ("train", "evaluate"):  # FLOPs and reports leave a run's status alone (it may be training)
+        client.update_run(run_id, status="RUNNING")
     logged = [m.step for m in client.get_metric_history(run_id, "loss")] if stage == "train" else []
     return run_id, max(logged, default=-1)
 
@@ -299,4 +310,7 @@ def log_run_outputs(run: RunConfig, stage: str, digest: str, files: list[Path], 
     tracker.log_metrics(metrics, step)
     for path in files:
         tracker.log_artifact(path)
-    tracker.finish("FINISHED")
+    if stage == "evaluate" or not isinstance(tracker, Tracker):
+        tracker.finish("FINISHED")
+    else:
+        tracker.finish_outputs(stage)
