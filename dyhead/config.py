@@ -212,7 +212,8 @@ def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None 
         profile = {**profile, "input": {**profile["input"],
                                         "min_size_train": list(profile["input"]["min_size_train_multiscale"])}}
     if "solver" in spec:  # per-experiment override, relative so it holds under every profile
-        solver = profile["solver"]
-        profile = {**profile, "solver": {**solver, "base_lr": solver["base_lr"] * spec["solver"]["lr_scale"]}}
+        solver, over = profile["solver"], spec["solver"]
+        scale = over.get("lr_scale", 1.0) * over.get("profile_lr_scale", {}).get(profile_name, 1.0)
+        profile = {**profile, "solver": {**solver, "base_lr": solver["base_lr"] * scale}}
     return RunConfig(exp_id, profile_name, spec, profile)
 

@@ -496,3 +496,10 @@ def test_per_experiment_lr_scale_holds_under_every_profile():
         base = resolve("fcos-r50-base-1x", profile, REPO).profile["solver"]["base_lr"]
         assert resolve("retinanet-r50-base-1x", profile, REPO).profile["solver"]["base_lr"] == pytest.approx(base / 2)
     assert resolve("retinanet-r50-base-1x", "coco", REPO).profile["solver"]["base_lr"] == pytest.approx(0.01)
+
+
+def test_profile_lr_scale_touches_only_the_named_profile():
+    """The deep 2x stand-ins train at half the lr on mini; the coco profile keeps the paper's 0.02."""
+    assert resolve("atss-r101-dyh6-LSC-2x", "coco", REPO).profile["solver"]["base_lr"] == pytest.approx(0.02)
+    mini = resolve("atss-r50-base-1x", "mini", REPO).profile["solver"]["base_lr"]
+    assert resolve("atss-r101-dyh6-LSC-2x", "mini", REPO).profile["solver"]["base_lr"] == pytest.approx(mini / 2)
