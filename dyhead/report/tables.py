@@ -116,7 +116,8 @@ def render_comparison(name: str, matrix: Matrix, profile_name: str, runs_root: P
         trained.append(f"`{exp}` {train['iterations']} iterations, {size}")
     schedules = ", ".join(f"{k} = {v}" for k, v in solver["schedules"].items())
     lines.append(f"Training ({profile_name}, batch {solver['batch_size']}, base lr {solver['base_lr']}, "
-                 f"{schedules} iterations): " + "; ".join(trained) + ".")
+                 f"{schedules} iterations): " + "; ".join(trained) + "."
+                 + _lr_exceptions(table["rows"], solver["base_lr"], runs))
     lines.append("")
     paper_ap = {(r["experiment"], bool(r.get("tta"))): r["paper"].get("AP") for r in table["rows"]}
     for (exp, tta), rec in results.items():
