@@ -240,11 +240,11 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
 def _lr_exceptions(rows: list[dict], base_lr: float, runs: Path) -> str:
     """' Rows trained at another lr (per-experiment `solver` override): ...', from their train.json."""
     other = {}
-    for row in rows:
-        config = load_json(runs / row["experiment"] / "train.json").get("config", {})
+    for exp in dict.fromkeys(row["experiment"] for row in rows):  # a TTA row repeats its experiment
+        config = load_json(runs / exp / "train.json").get("config", {})
         lr = config.get("profile_settings", {}).get("solver", {}).get("base_lr", base_lr)
         if lr != base_lr:
-            other.setdefault(lr, []).append(f"`{row['experiment']}`")
+            other.setdefault(lr, []).append(f"`{exp}`")
     return "".join(f" Base lr {lr:g} for {', '.join(exps)}." for lr, exps in other.items())
 
 
