@@ -503,3 +503,17 @@ def test_profile_lr_scale_touches_only_the_named_profile():
     assert resolve("atss-r101-dyh6-LSC-2x", "coco", REPO).profile["solver"]["base_lr"] == pytest.approx(0.02)
     mini = resolve("atss-r50-base-1x", "mini", REPO).profile["solver"]["base_lr"]
     assert resolve("atss-r101-dyh6-LSC-2x", "mini", REPO).profile["solver"]["base_lr"] == pytest.approx(mini / 2)
+
+
+def test_plain_head_init_paper_on_coco_he_on_mini():
+    """RetinaNet's norm-free towers: the paper's normal(0, 0.01) on coco, He init on the from-scratch mini."""
+    from dyhead.modeling.detectors.retinanet import plain_tower
+
+    torch.manual_seed(0)
+    paper, gain = plain_tower(256, 1, "paper")[0].weight, plain_tower(32, 1, "gain")[0].weight
+    assert paper.std().item() == pytest.approx(0.01, rel=0.02)
+    assert gain.std().item() == pytest.approx(math.sqrt(2 / (9 * 32)), rel=0.05)
+    with pytest.raises(ValueError, match="plain_head_init"):
+        plain_tower(32, 1, "xavier")
+    assert resolve("retinanet-r50-base-1x", "mini", REPO).profile["model"]["plain_head_init"] == "gain"
+    assert resolve("retinanet-r50-base-1x", "coco", REPO).profile["model"].get("plain_head_init", "paper") == "paper"

@@ -34,6 +34,7 @@ class Parts:
     size_divisible: int
     tower_gn_groups: int
     dcn_backend: str
+    plain_head_init: str
     spec: dict
 
     def backbone(self, levels: tuple[int, ...]) -> BackboneWithFPN:
@@ -49,8 +50,8 @@ def build_atss(p: Parts) -> Detector:
 
 
 def build_retinanet(p: Parts) -> Detector:
-    return RetinaNet(p.backbone(ONE_STAGE_LEVELS), RetinaNetConfig(num_classes=p.num_classes), p.dyhead,
-                     p.size_divisible)
+    cfg = RetinaNetConfig(num_classes=p.num_classes, tower_init=p.plain_head_init)
+    return RetinaNet(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
 
 
 def build_fcos(p: Parts) -> Detector:
@@ -117,6 +118,7 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         size_divisible=run.profile["input"]["size_divisible"],
         tower_gn_groups=model_cfg["tower_gn_groups"],
         dcn_backend=dcn_backend,
+        plain_head_init=model_cfg.get("plain_head_init", "paper"),
         spec=run.spec,
     )
     return DETECTORS[name](parts)

@@ -40,6 +40,7 @@ class RetinaNetConfig:
     nms_thresh: float = 0.5
     detections_per_img: int = 100
     prior_prob: float = 0.01
+    tower_init: str = "paper"  # "paper": normal(0, 0.01) at 256 channels (width-scaled); "gain": He init
 
     @property
     def num_anchors(self) -> int:
@@ -56,9 +57,17 @@ def head_init_std(channels: int) -> float:
     return 0.01 * math.sqrt(256 / channels)
 
 
-def plain_tower(channels: int, convs: int) -> nn.Sequential:
-    """conv3x3 + ReLU, no norm (the RetinaNet head), zero bias, width-scaled normal init."""
-    std = head_init_std(channels)
+def plain_tower(channels: int, convs: int, init: str = "paper") -> nn.Sequential:
+    """conv3x3 + ReLU, no norm (the RetinaNet head), zero bias.
+
+    init "paper": the width-scaled normal(0, 0.01) above; each conv + ReLU then passes about a third of
+    its input, ~1% through four. That trains from ImageNet features over 90k iterations; from scratch in the
+    mini profile's 1000 it leaves the baseline at AP 0.5. "gain": He's normal(0, sqrt(2 / fan_in)), which
+    keeps the signal's scale through the ReLUs (the mini profile's choice).
+    """
+    if init not in ("paper", "gain"):
+        raise ValueError(f"plain_head_init: unknown value {init!r}; expected paper or gain")
+    std = head_init_std(channels) if init == "paper" else math.sqrt(2.0 / (9 * channels))
     layers = []
     for _ in range(convs):
         conv = nn.Conv2d(channels, channels, 3, 1, 1)
@@ -76,8 +85,8 @@ class RetinaNetHead(nn.Module):
         super().__init__()
         self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
         convs = 0 if self.dyhead is not None else cfg.tower_convs
-        self.cls_tower = plain_tower(channels, convs)
-        self.reg_tower = plain_tower(channels, convs)
+        self.cls_tower = plain_tower(channels, convs, cfg.tower_init)
+        self.reg_tower = plain_tower(channels, convs, cfg.tower_init)
         self.cls_logits = nn.Conv2d(channels, cfg.num_anchors * cfg.num_classes, 3, 1, 1)
         self.bbox_pred = nn.Conv2d(channels, cfg.num_anchors * 4, 3, 1, 1)
         for conv in (self.cls_logits, self.bbox_pred):
