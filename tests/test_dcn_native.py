@@ -532,7 +532,7 @@ def test_failed_build_keeps_previous_manifest(monkeypatch, tmp_path):
 def test_cuda_sources_compile_and_link(tmp_path):
     """nvcc compiles the CUDA kernels and the library links and loads (run in the build's child)."""
     if build.find_nvcc() is None or torch.version.cuda is None:
-        pytest.skip("no nvcc or a CPU-only torch")
+        pytest.skip("needs nvcc (CUDA_HOME) and a CUDA build of torch to compile the CUDA kernels")
     lib = build.build_extension(tmp_path / "ext", cuda="on")
     man = json.loads((tmp_path / "ext" / "manifest.json").read_text())
     assert lib.is_file() and man["cuda"] is True and man["arch_list"]
@@ -540,7 +540,7 @@ def test_cuda_sources_compile_and_link(tmp_path):
     assert man["source_hash"] == native.source_hash()
 
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (CPU-only CI and dev machines)")
 
 
 @pytest.mark.gpu
@@ -548,7 +548,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 @pytest.mark.parametrize("name", ["default", "stride2", "groups2", "offset_groups4_groups2", "no_mask", "edges", "large_offsets", "wide_channels"])
 def test_cuda_fp32_matches_torchvision(ext, name):
     if not native.cuda_compiled():
-        pytest.skip("extension built without CUDA")
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
     tensors, grad, conv = make_case(21, dtype=torch.float32, device="cuda", **NAMED_CASES[name])
     assert_matches(tensors, grad, conv, rtol=1e-4, atol=2e-4)
 
@@ -557,7 +557,7 @@ def test_cuda_fp32_matches_torchvision(ext, name):
 @needs_gpu
 def test_cuda_fp64_matches_torchvision(ext):
     if not native.cuda_compiled():
-        pytest.skip("extension built without CUDA")
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
     tensors, grad, conv = make_case(22, device="cuda", **NAMED_CASES["offset_groups4_groups2"])
     assert_matches(tensors, grad, conv, rtol=1e-9, atol=1e-9)
 
@@ -567,7 +567,7 @@ def test_cuda_fp64_matches_torchvision(ext):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_matches_fp32_reference(ext, dtype):
     if not native.cuda_compiled():
-        pytest.skip("extension built without CUDA")
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
     tensors, grad, conv = make_case(23, n=2, c=16, cout=16, h=12, w=10, dtype=torch.float32, device="cuda")
     y_ref, g_ref = run("torchvision", tensors, grad, conv)
     low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in tensors.items()}
@@ -584,7 +584,7 @@ def test_cuda_half_matches_fp32_reference(ext, dtype):
 @needs_gpu
 def test_cuda_autocast_runs_in_autocast_dtype(ext):
     if not native.cuda_compiled():
-        pytest.skip("extension built without CUDA")
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
     tensors, grad, conv = make_case(24, dtype=torch.float32, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = native.deform_conv2d(*(tensors[k] for k in ("input", "offset", "mask", "weight", "bias")), **conv)
@@ -597,7 +597,7 @@ def test_cuda_autocast_runs_in_autocast_dtype(ext):
 @needs_gpu
 def test_cuda_matches_cpu(ext):
     if not native.cuda_compiled():
-        pytest.skip("extension built without CUDA")
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
     tensors, grad, conv = make_case(25, n=3, c=32, cout=16, h=17, w=15, stride=2, dtype=torch.float32)
     y_cpu, g_cpu = run("native", tensors, grad, conv)
     cuda = {k: (v.detach().cuda().requires_grad_() if v is not None else None) for k, v in tensors.items()}

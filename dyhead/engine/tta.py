@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from dyhead.config import RunConfig
 from dyhead.data.coco import CocoDetection, collate
@@ -28,6 +27,7 @@ from dyhead.engine.evaluate import coco_metrics, predict, to_coco_results
 from dyhead.engine.tracking import log_run_outputs
 from dyhead.engine.train import _to_device, settings_digest, setup_runtime
 from dyhead.errors import DyheadError
+from dyhead.modeling.detectors.base import nms_per_image
 from dyhead.modeling.build import build_detector
 
 
@@ -94,11 +94,8 @@ def in_size_range(boxes: Tensor, lo: float, hi: float) -> Tensor:
 
 def merge(detections: list[dict], nms_thresh: float, keep: int) -> dict:
     """One image's detections from all views (original pixels) -> class-wise NMS, best `keep`."""
-    boxes = torch.cat([d["boxes"] for d in detections])
-    scores = torch.cat([d["scores"] for d in detections])
-    labels = torch.cat([d["labels"] for d in detections])
-    idx = batched_nms(boxes, scores, labels, nms_thresh)[:keep]  # sorted by decreasing score
-    return {"boxes": boxes[idx], "scores": scores[idx], "labels": labels[idx]}
+    return nms_per_image([d["boxes"] for d in detections], [d["scores"] for d in detections],
+                         [d["labels"] for d in detections], nms_thresh, keep)
 
 
 @torch.no_grad()

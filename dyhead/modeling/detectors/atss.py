@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dyhead.modeling.backbone import BackboneWithFPN
-from dyhead.modeling.detectors.base import Detector, reduce_mean
+from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
 from dyhead.modeling.dyhead import DyHead, DyHeadConfig
 
 INF = float("inf")
@@ -245,7 +245,5 @@ class ATSS(Detector):
                 boxes_all.append(clip_boxes_to_image(boxes, (h, w)))
                 scores_all.append(scores)
                 labels_all.append(cls_idx)
-            boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(nms_per_image(boxes_all, scores_all, labels_all, self.cfg.nms_thresh, self.cfg.detections_per_img))
         return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torchvision.ops import batched_nms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,3 +72,11 @@ class Detector(nn.Module):
                 raise ValueError("targets are required in training mode")
             return self.losses(outputs, targets, batch)
         return self.postprocess(outputs, sizes, batch)
+
+
+def nms_per_image(boxes: list[Tensor], scores: list[Tensor], labels: list[Tensor], nms_thresh: float,
+                  max_detections: int) -> dict:
+    """One image's candidates from all levels (or TTA views) -> class-wise NMS, the best by score."""
+    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]  # sorted by decreasing score
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

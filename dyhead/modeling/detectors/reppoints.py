@@ -34,11 +34,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, sigmoid_focal_loss
+from torchvision.ops import box_iou, clip_boxes_to_image, sigmoid_focal_loss
 
 from dyhead.modeling.backbone import BackboneWithFPN
 from dyhead.modeling.detectors.atss import _flatten, _tower
-from dyhead.modeling.detectors.base import Detector, reduce_mean
+from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
 from dyhead.modeling.detectors.fcos import make_points
 from dyhead.modeling.detectors.retinanet import head_init_std
 from dyhead.modeling.dyhead import DyHead, DyHeadConfig
@@ -282,7 +282,5 @@ class RepPoints(Detector):
                 sel_boxes.append(clip_boxes_to_image(boxes[loc], (h, w)))
                 sel_scores.append(scores[loc, label])
                 sel_labels.append(label)
-            boxes, scores, labels = torch.cat(sel_boxes), torch.cat(sel_scores), torch.cat(sel_labels)
-            keep = batched_nms(boxes, scores, labels, self.cfg.nms_thresh)[: self.cfg.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            results.append(nms_per_image(sel_boxes, sel_scores, sel_labels, self.cfg.nms_thresh, self.cfg.detections_per_img))
         return results
