@@ -60,14 +60,16 @@ def validate(data: dict, schema: str, path: Path, root: Path) -> None:
 
 
 def canonical_id(spec: dict) -> str:
-    """detector-backbone-head-schedule[-ms][-seedN]; head is 'base' or 'dyh<N>-<LSC switches>[-<placement>]'.
+    """detector-backbone-head-schedule[-ms][-seedN]; head is 'base', 'tower<N>[shared]' (baseline towers
+    of another depth, or one tower for cls and reg) or 'dyh<N>-<LSC switches>[-<placement>]'.
 
     '-' separates the fields, so a backbone like 'x101-dcn' is written 'x101dcn'; '-ms' marks
     multi-scale training.
     """
     head = spec["head"]
-    if head["blocks"] == 0:
-        head_name = "base"
+    if head["blocks"] == 0:  # 'base' = the paper's two 4-conv towers; 'tower<N>[shared]' otherwise
+        convs, shared = head.get("tower_convs", 4), head.get("tower_shared", False)
+        head_name = "base" if (convs, shared) == (4, False) else f"tower{convs}" + ("shared" if shared else "")
     else:
         h = {**HEAD_DEFAULTS, **head}
         switches = "".join(c for c, on in (("L", h["scale"]), ("S", h["spatial"]), ("C", h["task"])) if on) or "none"
@@ -112,6 +114,10 @@ def load_matrix(root: Path | None = None) -> Matrix:
         expected = canonical_id(spec)
         if exp_id != expected:
             raise DyheadError(f"{exp_path}: experiments.{exp_id}: id does not match its fields (expected {expected!r})")
+        tower_keys = sorted({"tower_convs", "tower_shared"} & set(spec["head"]))
+        if tower_keys and (spec["detector"] != "atss" or spec["head"]["blocks"] > 0):
+            raise DyheadError(f"{exp_path}: experiments.{exp_id}.head.{tower_keys[0]}: applies to the ATSS baseline "
+                              "head (detector atss, blocks 0) only")
     tables = load_yaml(tab_path)
     validate(tables, "tables", tab_path, root)
     for name, table in tables.items():

@@ -517,3 +517,55 @@ def test_plain_head_init_paper_on_coco_he_on_mini():
         plain_tower(32, 1, "xavier")
     assert resolve("retinanet-r50-base-1x", "mini", REPO).profile["model"]["plain_head_init"] == "gain"
     assert resolve("retinanet-r50-base-1x", "coco", REPO).profile["model"].get("plain_head_init", "paper") == "paper"
+
+
+# ---------------------------------------------------------------------- the coupling control (ours)
+def test_coupling_control_towers_depth_and_sharing():
+    """tower_convs / tower_shared build the control's heads; a shared tower runs once and is one module."""
+    assert canonical_id({"detector": "atss", "backbone": "r50", "schedule": "1x",
+                         "head": {"blocks": 0, "tower_convs": 6, "tower_shared": True}}) == "atss-r50-tower6shared-1x"
+    assert canonical_id({"detector": "atss", "backbone": "r50", "schedule": "1x",
+                         "head": {"blocks": 0, "tower_convs": 4, "tower_shared": False}}) == "atss-r50-base-1x"
+    convs = lambda tower: sum(isinstance(m, torch.nn.Conv2d) for m in tower)  # noqa: E731
+    heads = {}
+    for exp in load_matrix(REPO).table_experiments("coupling"):
+        if "dyh" not in exp:
+            heads[exp] = build.build_detector(resolve(exp, "tiny", REPO), 3, "torchvision", load_weights=False).head
+    assert (convs(heads["atss-r50-base-1x"].cls_tower), convs(heads["atss-r50-tower6-1x"].reg_tower)) == (4, 6)
+    assert heads["atss-r50-base-1x"].cls_tower is not heads["atss-r50-base-1x"].reg_tower
+    shared = heads["atss-r50-tower6shared-1x"]
+    assert shared.cls_tower is shared.reg_tower and convs(shared.cls_tower) == 6
+    calls = []
+    shared.cls_tower.register_forward_hook(lambda *args: calls.append(1))
+    shared([torch.randn(1, shared.cls_logits.in_channels, 8, 8)])
+    assert len(calls) == 1  # the reg branch reuses the cls feature instead of running the tower again
+
+
+def test_tower_options_are_refused_outside_the_atss_baseline(repo_copy):
+    path = repo_copy / "params/experiments.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["experiments"]["atss-r50-dyh2-LSC-1x"]["head"]["tower_shared"] = True
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(Exception, match=r"experiments.atss-r50-dyh2-LSC-1x.head.tower_shared: applies to the ATSS"):
+        load_matrix()
+
+
+def test_control_report_is_headed_as_ours_with_its_note(repo_copy):
+    from dyhead.report.tables import render_table
+
+    matrix = load_matrix()
+    runs = repo_copy / "runs"
+    for i, exp in enumerate(matrix.table_experiments("coupling")):
+        d = runs / "mini" / exp
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"metrics": {"AP": 20.0 - i, "AP50": 30.0, "AP75": 10.0},
+                                                    "annotations": "val.json", "images": 10}))
+        (d / "flops.json").write_text(json.dumps({"coco": {"gmacs": 250.0 + i}}))
+        (d / "train.json").write_text(json.dumps({"iterations": 5}))
+    text = render_table("coupling", matrix, "mini", runs)
+    assert text.startswith("# Control (coupling): Coupled head or attention?")
+    assert "Not a table of the paper." in text
+    row = next(line for line in text.splitlines() if line.startswith("| shared | 6 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:5] == ["+3.00", "–"]  # FLOPs change against the baseline; the paper has no such row
+    assert cells[6:10] == ["-3.00", "–", "17.00", "–"]  # AP gain (ours, paper), AP (ours, paper)

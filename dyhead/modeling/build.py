@@ -45,7 +45,9 @@ class Parts:
 
 
 def build_atss(p: Parts) -> Detector:
-    cfg = ATSSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups)
+    head = p.spec["head"]
+    cfg = ATSSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups,
+                     tower_convs=head.get("tower_convs", 4), tower_shared=head.get("tower_shared", False))
     return ATSS(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
 
 

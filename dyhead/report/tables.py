@@ -1,4 +1,4 @@
-"""reports/tableN.md from the metrics and FLOPs JSON files; reads nothing else.
+"""reports/tableN.md (and the controls, reports/<name>.md) from the metrics and FLOPs JSON files; reads nothing else.
 
 Each row prints our number, the paper's and the difference, and the header says which profile
 produced ours. The output is a pure function of the JSON inputs, so re-running a target gives an
@@ -54,6 +54,15 @@ def _verdict(rows: list[dict], baseline_of: list[dict], results: dict, profile_n
     return said
 
 
+def _heading(name: str, table: dict) -> list[str]:
+    """'# Table N: title' for the paper's tables; '# Control: title' for ours (any other name), then its note."""
+    number = name.removeprefix("table")
+    lines = [f"# Table {number}: {table['title']}" if number.isdigit() else f"# Control ({name}): {table['title']}", ""]
+    if table.get("note"):
+        lines += [table["note"].strip(), ""]
+    return lines
+
+
 def _ours_file(row: dict) -> str:
     return "metrics_tta.json" if row.get("tta") else "metrics.json"
 
@@ -77,7 +86,7 @@ def render_comparison(name: str, matrix: Matrix, profile_name: str, runs_root: P
                for r in table["rows"]}
     first = results[(table["rows"][0]["experiment"], bool(table["rows"][0].get("tta")))]
     split = table.get("paper_split", "val2017")
-    lines = [f"# Table {name.removeprefix('table')}: {table['title']}", ""]
+    lines = _heading(name, table)
     lines.append(
         f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on `{first['annotations']}` "
         f"({first['images']} images). Paper: {PAPER}, COCO {split}"
@@ -153,7 +162,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
     grouped = GROUP_LABEL in table["labels"]
     baseline_of = _baselines(table["rows"], GROUP_LABEL if grouped else None)
 
-    lines = [f"# Table {name.removeprefix('table')}: {table['title']}", ""]
+    lines = _heading(name, table)
     first = results[base_exp]
     lines.append(
         f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on "

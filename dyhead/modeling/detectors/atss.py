@@ -30,6 +30,9 @@ class ATSSConfig:
     anchor_scale: float = 8.0
     topk: int = 9
     tower_convs: int = 4  # baseline head; a DyHead head has no towers
+    # one tower read by cls and reg (a coupled head without attention: the control for DyHead's
+    # unified branch); the paper's baseline has two
+    tower_shared: bool = False
     tower_gn_groups: int = 32
     pred_kernel: int = 3
     reg_loss_weight: float = 2.0
@@ -64,7 +67,8 @@ def _tower(channels: int, convs: int, gn_groups: int) -> nn.Sequential:
 class ATSSHead(nn.Module):
     """Predictors for cls, box deltas and centerness on P3-P7.
 
-    Baseline: separate 4-conv GN towers for cls and for reg (centerness on the reg tower).
+    Baseline: separate 4-conv GN towers for cls and for reg (centerness on the reg tower);
+    `tower_shared` gives cls and reg one tower (a coupled head of plain convs).
     DyHead (Fig. 2b): the blocks replace both towers; all predictors read the unified feature.
     """
 
@@ -73,7 +77,7 @@ class ATSSHead(nn.Module):
         self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
         convs = 0 if self.dyhead is not None else cfg.tower_convs
         self.cls_tower = _tower(channels, convs, cfg.tower_gn_groups)
-        self.reg_tower = _tower(channels, convs, cfg.tower_gn_groups)
+        self.reg_tower = self.cls_tower if cfg.tower_shared else _tower(channels, convs, cfg.tower_gn_groups)
         k, pad = cfg.pred_kernel, cfg.pred_kernel // 2
         self.cls_logits = nn.Conv2d(channels, cfg.num_classes, k, 1, pad)
         self.bbox_pred = nn.Conv2d(channels, 4, k, 1, pad)
@@ -89,7 +93,8 @@ class ATSSHead(nn.Module):
             features = self.dyhead(features)
         logits, deltas, ctrness = [], [], []
         for scale, x in zip(self.scales, features):
-            cls_feat, reg_feat = self.cls_tower(x), self.reg_tower(x)
+            cls_feat = self.cls_tower(x)
+            reg_feat = cls_feat if self.reg_tower is self.cls_tower else self.reg_tower(x)
             logits.append(self.cls_logits(cls_feat))
             deltas.append(scale(self.bbox_pred(reg_feat)))
             ctrness.append(self.centerness(reg_feat))
