@@ -1,4 +1,5 @@
-# The DAG: data (synth | fetch) -> build-ext -> train -> evaluate -> flops -> reports/tableN.md.
+# The DAG: data (synth | fetch) -> build-ext -> train -> evaluate -> flops -> reports/tableN.md
+# (and reports/<control>.md for the controls of ours in params/tables.yaml, e.g. coupling).
 # Which experiments exist and which table rows they feed is defined once, in params/.
 #   snakemake --cores all reports/table2.md                 # embedded default profile: mini
 #   snakemake --cores all reports/table2.md --config profile=coco
