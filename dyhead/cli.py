@@ -82,15 +82,30 @@ def cmd_fetch_coco(args) -> None:
                                   f"fetched layout under {root}")
 
 
+def cmd_pretrain(args) -> None:
+    from dyhead.config import PRETRAINED, load_profile, weights_file
+    from dyhead.engine.pretrain import run_pretrain
+
+    profile = load_profile(args.profile)
+    names = args.backbone or [k for k, bb in profile["model"]["backbones"].items() if bb.get("weights") == PRETRAINED]
+    if not names:
+        print(f"profile {args.profile}: no backbone has `weights: {PRETRAINED}`; name one to pretrain it anyway")
+        return
+    for name in names:
+        out = Path(args.out) if args.out else Path(weights_file(args.profile, profile, name) or
+                                                  f"data/weights/{args.profile}/{name}.pth")
+        run_pretrain(args.profile, profile, name, out, threads=args.threads)
+
+
 def cmd_fetch_weights(args) -> None:
-    from dyhead.config import load_profile
+    from dyhead.config import PRETRAINED, load_profile
     from dyhead.modeling.pretrained import IMAGENET, WEIGHTS_DIR, arch_of_file, fetch_weights
 
     wanted = {arch: Path(args.dir or WEIGHTS_DIR) for arch in args.arch}  # arch -> directory
     if not wanted:  # whatever the profile's backbones load, where the profile expects it
         profile = load_profile(args.profile)
         for key, bb in profile["model"]["backbones"].items():
-            if bb.get("weights"):
+            if bb.get("weights") and bb["weights"] != PRETRAINED:  # `dyhead pretrain` makes those
                 arch = arch_of_file(bb["weights"])
                 if arch is None:
                     known = ", ".join(r.name for r in IMAGENET.values())
@@ -214,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dyhead",
         description="Dynamic Head experiment pipeline. Each subcommand is one step of the Snakemake DAG: "
-                    "synth | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
+                    "synth (+ pretrain) | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -262,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", metavar="URL", help="base URL in place of https://download.pytorch.org/models")
     p.add_argument("--from-dir", metavar="PATH", type=Path, help="copy the files from here (verified) instead")
     p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("pretrain", help="the ImageNet stand-in: pretrain backbones on object crops of the training split")
+    p.add_argument("backbone", nargs="*", help="model.backbones keys (default: those with `weights: pretrained`)")
+    _profile_arg(p)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the profile's runtime.threads)")
+    p.add_argument("--out", help="output file (default: data/weights/<profile>/<backbone>.pth, where training looks)")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("flops", help="count GMACs of the coco-profile model at 800x1344 and of the profile's model")
     p.add_argument("experiment")

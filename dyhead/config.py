@@ -145,6 +145,9 @@ def load_profile(name: str, root: Path | None = None) -> dict:
         raise DyheadError(f"unknown profile {name!r}; params/profiles/ has {', '.join(profile_names(root))}")
     profile = load_yaml(path)
     validate(profile, "profile", path, root)
+    pretrained = [k for k, bb in profile["model"]["backbones"].items() if bb.get("weights") == PRETRAINED]
+    if pretrained and "pretrain" not in profile:
+        raise DyheadError(f"{path}: model.backbones.{pretrained[0]}.weights: 'pretrained' needs a `pretrain` section")
     if profile["data"]["source"] == "synthetic" and "synthetic" not in profile["data"]:
         raise DyheadError(f"{path}: data.synthetic: required when data.source is synthetic")
     for key, frac in enumerate(profile["solver"]["steps"]):
@@ -182,6 +185,10 @@ class RunConfig:
     def backbone(self) -> dict:
         return self.profile["model"]["backbones"][self.spec["backbone"]]
 
+    @property
+    def weights(self) -> str | None:
+        return weights_file(self.profile_name, self.profile, self.spec["backbone"])
+
     def to_dict(self) -> dict:
         """Flat-ish record of every setting, stored with each run."""
         return {
@@ -192,6 +199,15 @@ class RunConfig:
             "seed": self.seed,
             "profile_settings": self.profile,
         }
+
+
+PRETRAINED = "pretrained"  # `weights: pretrained`: the file `dyhead pretrain` makes (synthetic profiles)
+
+
+def weights_file(profile_name: str, profile: dict, backbone: str) -> str | None:
+    """The file a profile's backbone starts from: an ImageNet file, the pretrained stand-in, or none."""
+    weights = profile["model"]["backbones"][backbone].get("weights")
+    return f"data/weights/{profile_name}/{backbone}.pth" if weights == PRETRAINED else weights
 
 
 def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None) -> RunConfig:

@@ -2,7 +2,8 @@
 
 The Snakefile and dvc.yaml are two views of one pipeline, both read from params/: Snakemake
 schedules it (locally, on SLURM), DVC versions what it makes. Stages, for one profile:
-  synth | fetch_coco, fetch_weights@<file>, build_ext      the inputs every training needs
+  synth (+ pretrain@<backbone>) | fetch_coco, fetch_weights@<file>, build_ext
+                                                          the inputs every training needs
   train@<id>, evaluate@<id>, flops@<id>, evaluate_tta@<id>  per experiment (foreach over the ids
                                                           of the tables that report them)
   report-<table>                                          per table (DVC cannot template dep lists)
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import yaml
 
-from dyhead.config import Matrix, load_matrix, load_profile, repo_root
+from dyhead.config import PRETRAINED, Matrix, load_matrix, load_profile, repo_root, weights_file
 from dyhead.errors import DyheadError
 
 HEADER = """\
@@ -90,12 +91,22 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
                                 "outs": [{p: Inline(cache=False, persist=True)}
                                          for p in annotations + [f"{data['root']}/fetch.json"]]}
         data_deps = [f"{data['root']}/fetch.json"]
-    weights = _weights(matrix, profile, ids)
-    if weights:
+    weights = _weights(matrix, profile_name, profile, ids)
+    pretrained = sorted({matrix.experiments[e]["backbone"] for e in weights
+                         if profile["model"]["backbones"][matrix.experiments[e]["backbone"]]["weights"] == PRETRAINED})
+    if pretrained:  # the ImageNet stand-in, from the training split's object crops
+        stages["pretrain"] = {"foreach": pretrained, "do": {
+            "cmd": f"dyhead pretrain ${{item}} --profile {profile_name} --threads {threads}",
+            "deps": data_deps + ["dyhead/engine/pretrain.py"],
+            "params": [{pfile: ["data", "pretrain", "runtime", "model.backbones.${item}"]}],
+            "outs": [f"data/weights/{profile_name}/${{item}}.pth",
+                     {f"data/weights/{profile_name}/${{item}}.json": UNCACHED}]}}
+    imagenet = sorted({p for e, p in weights.items() if matrix.experiments[e]["backbone"] not in pretrained})
+    if imagenet:
         from dyhead.modeling.pretrained import arch_of_file
 
         files = {path.rsplit("/", 1)[-1]: Inline(arch=arch_of_file(path), dir=path.rsplit("/", 1)[0], path=path)
-                 for path in sorted(set(weights.values()))}
+                 for path in imagenet}
         stages["fetch_weights"] = {"foreach": files, "do": {
             "cmd": "dyhead fetch-weights ${item.arch} --dir ${item.dir}", "outs": ["${item.path}"]}}
     cuda = "off" if profile["runtime"]["device"] == "cpu" else "auto"  # CUDA kernels only for CUDA profiles
@@ -147,9 +158,10 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
     return {"stages": stages}
 
 
-def _weights(matrix: Matrix, profile: dict, ids: list[str]) -> dict[str, str]:
+def _weights(matrix: Matrix, profile_name: str, profile: dict, ids: list[str]) -> dict[str, str]:
+    """experiment -> the file its backbone starts from (ImageNet or the pretrained stand-in), if any."""
     backbones = profile["model"]["backbones"]
-    return {e: backbones[matrix.experiments[e]["backbone"]]["weights"] for e in ids
+    return {e: weights_file(profile_name, profile, matrix.experiments[e]["backbone"]) for e in ids
             if backbones.get(matrix.experiments[e]["backbone"], {}).get("weights")}
 
 

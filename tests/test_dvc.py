@@ -65,6 +65,8 @@ def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str
             name = f"{job['rule']}@{wildcards['exp']}"
         elif job["rule"] == "fetch_weights":
             name = f"fetch_weights@{wildcards['file']}"
+        elif job["rule"] == "pretrain":
+            name = f"pretrain@{wildcards['backbone']}"
         else:
             name = job["rule"]
         names[name] = re.sub(r"\s+", " ", re.sub(r" 2>&1 \| tee \S+$", "", job["shell"])).strip()

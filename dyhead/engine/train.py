@@ -64,6 +64,8 @@ def settings_digest(run: RunConfig) -> str:
     solver = {k: v for k, v in run.profile["solver"].items() if k not in ("checkpoint_period", "log_period")}
     keep = {"spec": run.spec, "model": run.profile["model"], "input": run.profile["input"], "solver": solver,
             "data": run.profile["data"], "seed": run.seed, "max_iter": run.max_iter}
+    if run.backbone.get("weights") == "pretrained":  # the stand-in's recipe is part of the start point
+        keep["pretrain"] = run.profile["pretrain"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -80,6 +80,22 @@ DETECTORS = {
 }
 
 
+def backbone_config(bb: dict, fpn_channels: int, dcn_backend: str) -> BackboneConfig:
+    """A profile's `model.backbones.<name>` entry as the body's config (detectors and `dyhead pretrain`)."""
+    return BackboneConfig(
+        name=bb["name"],
+        depths=tuple(bb["depths"]) if bb.get("depths") else None,
+        base_width=bb.get("base_width", 64),
+        norm=bb["norm"],
+        freeze_at=bb["freeze_at"],
+        fpn_channels=fpn_channels,
+        groups=bb.get("groups"),
+        width_per_group=bb.get("width_per_group"),
+        dcn_stages=tuple(bb.get("dcn_stages", ())),
+        dcn_backend=dcn_backend,
+    )
+
+
 def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weights: bool = True) -> Detector:
     """`dcn_backend` must be resolved already ('native' or 'torchvision')."""
     name = run.spec["detector"]
@@ -87,19 +103,8 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         raise DyheadError(f"detector: unknown {name!r}; expected one of {', '.join(DETECTORS)}")
     if "placement" in run.spec and name != "faster_rcnn":
         raise DyheadError(f"experiment {run.experiment}: placement applies to faster_rcnn only, not {name!r}")
-    model_cfg, bb, head = run.profile["model"], run.backbone, run.head
-    backbone_cfg = BackboneConfig(
-        name=bb["name"],
-        depths=tuple(bb["depths"]) if bb.get("depths") else None,
-        base_width=bb.get("base_width", 64),
-        norm=bb["norm"],
-        freeze_at=bb["freeze_at"],
-        fpn_channels=model_cfg["fpn_channels"],
-        groups=bb.get("groups"),
-        width_per_group=bb.get("width_per_group"),
-        dcn_stages=tuple(bb.get("dcn_stages", ())),
-        dcn_backend=dcn_backend,
-    )
+    model_cfg, head = run.profile["model"], run.head
+    backbone_cfg = backbone_config(run.backbone, model_cfg["fpn_channels"], dcn_backend)
     dyhead_cfg = None
     if head["blocks"] > 0:
         dyhead_cfg = DyHeadConfig(
@@ -114,7 +119,7 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         )
     parts = Parts(
         backbone_cfg=backbone_cfg,
-        weights=bb.get("weights") if load_weights else None,
+        weights=run.weights if load_weights else None,
         dyhead=dyhead_cfg,
         num_classes=num_classes,
         size_divisible=run.profile["input"]["size_divisible"],

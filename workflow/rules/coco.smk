@@ -48,9 +48,13 @@ if DATA["source"] == "coco":
 
 
 def backbone_weights(wildcards):
-    """The ImageNet file the experiment's backbone loads under this profile (none on mini)."""
-    backbone = PROFILE_CFG["model"]["backbones"].get(MATRIX.experiments[wildcards.exp]["backbone"], {})
-    return [backbone["weights"]] if backbone.get("weights") else []
+    """The file the experiment's backbone starts from under this profile: an ImageNet file (fetch_weights),
+    the pretrained stand-in (pretrain, data.smk) or none."""
+    backbone = MATRIX.experiments[wildcards.exp]["backbone"]
+    if backbone not in PROFILE_CFG["model"]["backbones"]:
+        return []
+    path = weights_file(PROFILE, PROFILE_CFG, backbone)
+    return [path] if path else []
 
 
 rule fetch_weights:

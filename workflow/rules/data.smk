@@ -9,3 +9,25 @@ if DATA["source"] == "synthetic":
             profile=PROFILE,
         shell:
             "dyhead synth --profile {params.profile} 2>&1 | tee {log}"
+
+
+# The ImageNet stand-in: backbones a profile marks `weights: pretrained` start from a classifier of
+# object crops of its training split (`dyhead pretrain`); backbone_weights (coco.smk) points the
+# training at the file.
+if "pretrain" in PROFILE_CFG:
+
+    rule pretrain:
+        input:
+            data=data_ready(),
+        output:
+            weights=f"data/weights/{PROFILE}/{{backbone}}.pth",
+            summary=f"data/weights/{PROFILE}/{{backbone}}.json",
+        wildcard_constraints:
+            backbone="|".join(PROFILE_CFG["model"]["backbones"]),
+        log:
+            f"logs/{PROFILE}/pretrain/{{backbone}}.log",
+        params:
+            profile=PROFILE,
+        threads: PROFILE_CFG["runtime"]["threads"]
+        shell:
+            "dyhead pretrain {wildcards.backbone} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"

@@ -2,7 +2,7 @@ rule train:
     input:
         data=data_ready(),
         ext="build/ext/manifest.json",
-        weights=backbone_weights,  # ImageNet file, if the profile's backbone loads one (coco.smk)
+        weights=backbone_weights,  # ImageNet file or pretrained stand-in, if the backbone starts from one (coco.smk)
         gpus=gpu_checked,  # the GPU check, when trainings ask for GPUs (gpu.smk)
     output:
         model=f"{RUNS}/{{exp}}/model_final.pth",
