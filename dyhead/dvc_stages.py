@@ -97,7 +97,7 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
     if pretrained:  # the ImageNet stand-in, from the training split's object crops
         stages["pretrain"] = {"foreach": pretrained, "do": {
             "cmd": f"dyhead pretrain ${{item}} --profile {profile_name} --threads {threads}",
-            "deps": data_deps + ["dyhead/engine/pretrain.py"],
+            "deps": data_deps + ["build/ext/manifest.json", "dyhead/engine/pretrain.py"],
             "params": [{pfile: ["data", "pretrain", "runtime", "model.backbones.${item}"]}],
             "outs": [f"data/weights/{profile_name}/${{item}}.pth",
                      {f"data/weights/{profile_name}/${{item}}.json": UNCACHED}]}}

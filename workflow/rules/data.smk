@@ -19,6 +19,7 @@ if "pretrain" in PROFILE_CFG:
     rule pretrain:
         input:
             data=data_ready(),
+            ext="build/ext/manifest.json",  # the DCN stand-ins' deformable convs
         output:
             weights=f"data/weights/{PROFILE}/{{backbone}}.pth",
             summary=f"data/weights/{PROFILE}/{{backbone}}.json",
