@@ -83,7 +83,7 @@ def cmd_fetch_coco(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from dyhead.config import PRETRAINED, load_profile, weights_file
+    from dyhead.config import PRETRAINED, load_profile, pretrained_path
     from dyhead.engine.pretrain import run_pretrain
 
     profile = load_profile(args.profile)
@@ -91,10 +91,11 @@ def cmd_pretrain(args) -> None:
     if not names:
         print(f"profile {args.profile}: no backbone has `weights: {PRETRAINED}`; name one to pretrain it anyway")
         return
+    if args.out and len(names) > 1:
+        raise DyheadError(f"--out {args.out}: one file cannot hold {len(names)} backbones ({', '.join(names)}); name one")
     for name in names:
-        out = Path(args.out) if args.out else Path(weights_file(args.profile, profile, name) or
-                                                  f"data/weights/{args.profile}/{name}.pth")
-        run_pretrain(args.profile, profile, name, out, threads=args.threads)
+        run_pretrain(args.profile, profile, name, Path(args.out or pretrained_path(args.profile, name)),
+                     threads=args.threads)
 
 
 def cmd_fetch_weights(args) -> None:

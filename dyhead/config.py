@@ -204,10 +204,15 @@ class RunConfig:
 PRETRAINED = "pretrained"  # `weights: pretrained`: the file `dyhead pretrain` makes (synthetic profiles)
 
 
+def pretrained_path(profile_name: str, backbone: str) -> str:
+    """Where `dyhead pretrain` writes a backbone's stand-in weights (a `.json` summary beside it)."""
+    return f"data/weights/{profile_name}/{backbone}.pth"
+
+
 def weights_file(profile_name: str, profile: dict, backbone: str) -> str | None:
     """The file a profile's backbone starts from: an ImageNet file, the pretrained stand-in, or none."""
     weights = profile["model"]["backbones"][backbone].get("weights")
-    return f"data/weights/{profile_name}/{backbone}.pth" if weights == PRETRAINED else weights
+    return pretrained_path(profile_name, backbone) if weights == PRETRAINED else weights
 
 
 def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None) -> RunConfig:

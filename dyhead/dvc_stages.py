@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import yaml
 
-from dyhead.config import PRETRAINED, Matrix, load_matrix, load_profile, repo_root, weights_file
+from dyhead.config import (PRETRAINED, Matrix, load_matrix, load_profile, pretrained_path, repo_root,
+                           weights_file)
 from dyhead.errors import DyheadError
 
 HEADER = """\
@@ -99,8 +100,8 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
             "cmd": f"dyhead pretrain ${{item}} --profile {profile_name} --threads {threads}",
             "deps": data_deps + ["build/ext/manifest.json", "dyhead/engine/pretrain.py"],
             "params": [{pfile: ["data", "pretrain", "runtime", "model.backbones.${item}"]}],
-            "outs": [f"data/weights/{profile_name}/${{item}}.pth",
-                     {f"data/weights/{profile_name}/${{item}}.json": UNCACHED}]}}
+            "outs": [pretrained_path(profile_name, "${item}"),
+                     {pretrained_path(profile_name, "${item}").removesuffix(".pth") + ".json": UNCACHED}]}}
     imagenet = sorted({p for e, p in weights.items() if matrix.experiments[e]["backbone"] not in pretrained})
     if imagenet:
         from dyhead.modeling.pretrained import arch_of_file

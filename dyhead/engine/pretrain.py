@@ -26,7 +26,9 @@ from dyhead.config import repo_root
 from dyhead.engine.checkpoint import save_json, save_torch
 from dyhead.errors import DyheadError
 from dyhead.modeling.backbone import ResNet
+from dyhead.modeling.build import backbone_config
 from dyhead.modeling.detectors.base import IMAGENET_MEAN, IMAGENET_STD
+from dyhead.ops import resolve_backend
 
 HELD_OUT = 0.1  # fraction of the crops kept aside to report accuracy (from the training images)
 
@@ -83,14 +85,15 @@ def pretrain_backbone(body: ResNet, crops: torch.Tensor, labels: torch.Tensor, n
         flip = torch.rand(len(idx), generator=gen) < 0.5
         xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
         loss = F.cross_entropy(fc(body(xb)[-1].mean(dim=(2, 3))), labels[idx])
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DyheadError(f"pretrain: loss is {value} at iteration {it}; lower pretrain.base_lr")
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if not math.isfinite(loss.item()):
-            raise DyheadError(f"pretrain: loss is {loss.item()} at iteration {it}; lower pretrain.base_lr")
         if (it + 1) % max(1, iters // 10) == 0 or it + 1 == iters:
             elapsed = time.time() - start
-            log(f"[pretrain] it {it + 1}/{iters} loss {loss.item():.4f} lr {lr:.4f} "
+            log(f"[pretrain] it {it + 1}/{iters} loss {value:.4f} lr {lr:.4f} "
                 f"eta {elapsed / (it + 1) * (iters - it - 1):.0f}s")
     body.eval()
     with torch.no_grad():
@@ -103,9 +106,6 @@ def pretrain_backbone(body: ResNet, crops: torch.Tensor, labels: torch.Tensor, n
 def run_pretrain(profile_name: str, profile: dict, backbone: str, out: Path, *, threads: int | None = None,
                  log=print) -> dict:
     """`dyhead pretrain`: crops from the profile's training split, the backbone's body, weights to `out`."""
-    from dyhead.modeling.build import backbone_config
-    from dyhead.ops import resolve_backend
-
     if "pretrain" not in profile:
         raise DyheadError(f"params/profiles/{profile_name}.yaml: no `pretrain` section (needed to pretrain {backbone!r})")
     if backbone not in profile["model"]["backbones"]:
@@ -124,5 +124,6 @@ def run_pretrain(profile_name: str, profile: dict, backbone: str, out: Path, *, 
     summary.update(backbone=backbone, profile=profile_name, settings=cfg, file=str(out))
     save_torch(out, body.state_dict())
     save_json(out.with_suffix(".json"), summary)
-    log(f"[pretrain] held-out crop accuracy {summary['held_out_accuracy']:.3f} in {summary['seconds']:.0f}s -> {out}")
+    acc = summary["held_out_accuracy"]
+    log(f"[pretrain] held-out crop accuracy {'–' if acc is None else f'{acc:.3f}'} in {summary['seconds']:.0f}s -> {out}")
     return summary

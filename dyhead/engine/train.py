@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dyhead.config import RunConfig
+from dyhead.config import PRETRAINED, RunConfig
 from dyhead.data.coco import CocoDetection, collate
 from dyhead.data.sampler import GroupedBatchSchedule, ResumableBatchSampler
 from dyhead.data.transforms import build_transforms
@@ -64,7 +64,7 @@ def settings_digest(run: RunConfig) -> str:
     solver = {k: v for k, v in run.profile["solver"].items() if k not in ("checkpoint_period", "log_period")}
     keep = {"spec": run.spec, "model": run.profile["model"], "input": run.profile["input"], "solver": solver,
             "data": run.profile["data"], "seed": run.seed, "max_iter": run.max_iter}
-    if run.backbone.get("weights") == "pretrained":  # the stand-in's recipe is part of the start point
+    if run.backbone.get("weights") == PRETRAINED:  # the stand-in's recipe is part of the start point
         keep["pretrain"] = run.profile["pretrain"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-from dyhead.config import load_matrix, load_profile, weights_file
+from dyhead.config import load_matrix, load_profile, pretrained_path, weights_file
 from dyhead.errors import DyheadError
 
 PROFILE = config["profile"]

@@ -21,8 +21,8 @@ if "pretrain" in PROFILE_CFG:
             data=data_ready(),
             ext="build/ext/manifest.json",  # the DCN stand-ins' deformable convs
         output:
-            weights=f"data/weights/{PROFILE}/{{backbone}}.pth",
-            summary=f"data/weights/{PROFILE}/{{backbone}}.json",
+            weights=pretrained_path(PROFILE, "{backbone}"),
+            summary=pretrained_path(PROFILE, "{backbone}").removesuffix(".pth") + ".json",
         wildcard_constraints:
             backbone="|".join(PROFILE_CFG["model"]["backbones"]),
         log:
