@@ -76,7 +76,7 @@ def canonical_id(spec: dict) -> str:
         head_name = f"dyh{head['blocks']}-{switches}"
         if h["high_offsets"] != "resample":
             head_name += f"-{h['high_offsets']}"
-        if spec.get("placement", "paper") != "paper":  # Faster R-CNN's non-default DyHead placement
+        if spec.get("placement", "paper") != "paper":  # the official code's placement (Faster R-CNN, RetinaNet)
             head_name += f"-{spec['placement']}"
     name = f"{spec['detector']}-{spec['backbone'].replace('-', '')}-{head_name}-{spec['schedule']}"
     if spec.get("multiscale"):

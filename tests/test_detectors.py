@@ -1,6 +1,7 @@
 """The Table 3 detectors: assigners and losses on hand-built cases, forward passes, COCO decoding,
 FLOP counting, the build registry and the Table 3 report."""
 import json
+from dataclasses import replace
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 from dyhead.config import canonical_id, load_matrix, resolve
+from dyhead.errors import DyheadError
 from dyhead.engine.evaluate import coco_metrics, to_coco_results
 from dyhead.engine.flops import count_gmacs
 from dyhead.modeling import build
@@ -41,8 +43,9 @@ def tiny_dyhead(blocks):
 
 def tiny_model(name, blocks=0):
     dy = tiny_dyhead(blocks)
-    if name == "retinanet":
-        return RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K), dy, 128)
+    if name.startswith("retinanet"):
+        placement = name.split("-")[1] if "-" in name else "paper"
+        return RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K, placement=placement), dy, 128)
     if name == "fcos":
         return FCOS(tiny_backbone(), FCOSConfig(num_classes=K, tower_gn_groups=8), dy, 128)
     if name == "reppoints":
@@ -282,11 +285,22 @@ def test_faster_rcnn_placements():
     assert isinstance(baseline.roi_heads.box_head, TwoMLPHead) and baseline.dyhead is None
 
 
+def test_retinanet_placements():
+    """Fig. 2b drops both towers; the official config keeps its 4-conv towers after the blocks."""
+    convs = lambda tower: sum(isinstance(m, torch.nn.Conv2d) for m in tower)  # noqa: E731
+    baseline, paper, official = tiny_model("retinanet"), tiny_model("retinanet", 2), tiny_model("retinanet-official", 2)
+    assert baseline.head.dyhead is None and convs(baseline.head.cls_tower) == convs(baseline.head.reg_tower) == 4
+    assert len(paper.head.dyhead.blocks) == 2 and convs(paper.head.cls_tower) == convs(paper.head.reg_tower) == 0
+    assert len(official.head.dyhead.blocks) == 2 and convs(official.head.cls_tower) == convs(official.head.reg_tower) == 4
+    with pytest.raises(ValueError, match="placement: unknown value 'before'"):
+        RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K, placement="before"), tiny_dyhead(1), 128)
+
+
 # --------------------------------------------------------------------------------------- forward passes
 MODELS = [(name, blocks) for name in ("retinanet", "fcos", "reppoints", "faster_rcnn") for blocks in (0, 1)]
 
 
-@pytest.mark.parametrize("name, blocks", MODELS + [("faster_rcnn-official", 1)])
+@pytest.mark.parametrize("name, blocks", MODELS + [("faster_rcnn-official", 1), ("retinanet-official", 1)])
 def test_train_and_eval_forward(name, blocks):
     torch.manual_seed(0)
     model = tiny_model(name, blocks)
@@ -446,12 +460,16 @@ def test_registry_matches_the_schema_and_builds_every_table3_experiment():
     assert set(build.DETECTORS) == set(enum)
     matrix = load_matrix(REPO)
     exps = matrix.table_experiments("table3")
-    assert len(exps) == 11 and {"atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"} <= set(exps)
+    assert len(exps) == 12 and {"atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"} <= set(exps)
     for exp in exps:
         model = build.build_detector(resolve(exp, "tiny", REPO), 3, "torchvision", load_weights=False)
         assert type(model).__name__.lower().replace("fasterrcnn", "faster_rcnn") == exp.split("-")[0]
-    official = build.build_detector(resolve("faster_rcnn-r50-dyh6-LSC-official-1x", "tiny", REPO), 3, "torchvision")
-    assert official.cfg.placement == "official"
+    for exp in ("faster_rcnn-r50-dyh6-LSC-official-1x", "retinanet-r50-dyh6-LSC-official-1x"):
+        assert build.build_detector(resolve(exp, "tiny", REPO), 3, "torchvision").cfg.placement == "official"
+    atss = resolve("atss-r50-dyh6-LSC-1x", "tiny", REPO)
+    atss = replace(atss, spec={**atss.spec, "placement": "official"})
+    with pytest.raises(DyheadError, match="placement applies to faster_rcnn and retinanet only, not 'atss'"):
+        build.build_detector(atss, 3, "torchvision")
 
 
 def test_canonical_id_names_a_non_default_placement():
@@ -488,13 +506,16 @@ def test_table3_report_pairs_rows_and_says_where_dyhead_helps(repo_copy):
     assert cells[3:5] == ["-1.50", "+1.20"]  # gain against FCOS's own baseline, ours and the paper's
     assert "it does not for FCOS (-1.50)" in text
     assert "RetinaNet (+3.00)" in text and "Faster R-CNN official (+3.00)" in text
-    assert "Base lr 0.01 for `retinanet-r50-base-1x`, `retinanet-r50-dyh6-LSC-1x`." in text
+    assert "RetinaNet official (+3.00)" in text
+    assert ("Base lr 0.01 for `retinanet-r50-base-1x`, `retinanet-r50-dyh6-LSC-1x`, "
+            "`retinanet-r50-dyh6-LSC-official-1x`.") in text
 
 
 def test_per_experiment_lr_scale_holds_under_every_profile():
-    for profile in ("coco", "mini", "tiny"):
+    for profile, scale in (("coco", 0.5), ("mini", 0.25), ("tiny", 0.5)):  # mini halves it once more
         base = resolve("fcos-r50-base-1x", profile, REPO).profile["solver"]["base_lr"]
-        assert resolve("retinanet-r50-base-1x", profile, REPO).profile["solver"]["base_lr"] == pytest.approx(base / 2)
+        for exp in ("retinanet-r50-base-1x", "retinanet-r50-dyh6-LSC-1x", "retinanet-r50-dyh6-LSC-official-1x"):
+            assert resolve(exp, profile, REPO).profile["solver"]["base_lr"] == pytest.approx(base * scale)
     assert resolve("retinanet-r50-base-1x", "coco", REPO).profile["solver"]["base_lr"] == pytest.approx(0.01)
 
 
@@ -506,7 +527,7 @@ def test_profile_lr_scale_touches_only_the_named_profile():
 
 
 def test_plain_head_init_paper_on_coco_he_on_mini():
-    """RetinaNet's norm-free towers: the paper's normal(0, 0.01) on coco, He init on the from-scratch mini."""
+    """RetinaNet's norm-free towers: the paper's normal(0, 0.01) on coco, He init on mini."""
     from dyhead.modeling.detectors.retinanet import plain_tower
 
     torch.manual_seed(0)

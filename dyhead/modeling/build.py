@@ -21,6 +21,7 @@ from dyhead.modeling.dyhead import DyHeadConfig
 
 ONE_STAGE_LEVELS = (3, 4, 5, 6, 7)  # P6/P7 from P5
 TWO_STAGE_LEVELS = (2, 3, 4, 5, 6)  # max-pooled P6
+PLACED = ("faster_rcnn", "retinanet")  # detectors with a second DyHead placement (the official code's)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ def build_atss(p: Parts) -> Detector:
 
 
 def build_retinanet(p: Parts) -> Detector:
-    cfg = RetinaNetConfig(num_classes=p.num_classes, tower_init=p.plain_head_init)
+    cfg = RetinaNetConfig(num_classes=p.num_classes, tower_init=p.plain_head_init,
+                          placement=p.spec.get("placement", "paper"))
     return RetinaNet(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
 
 
@@ -101,8 +103,8 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
     name = run.spec["detector"]
     if name not in DETECTORS:
         raise DyheadError(f"detector: unknown {name!r}; expected one of {', '.join(DETECTORS)}")
-    if "placement" in run.spec and name != "faster_rcnn":
-        raise DyheadError(f"experiment {run.experiment}: placement applies to faster_rcnn only, not {name!r}")
+    if "placement" in run.spec and name not in PLACED:
+        raise DyheadError(f"experiment {run.experiment}: placement applies to {' and '.join(PLACED)} only, not {name!r}")
     model_cfg, head = run.profile["model"], run.head
     backbone_cfg = backbone_config(run.backbone, model_cfg["fpn_channels"], dcn_backend)
     dyhead_cfg = None

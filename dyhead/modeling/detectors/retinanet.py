@@ -7,6 +7,10 @@ torchvision and detectron2). Max-IoU matching at 0.5 / 0.4 with low-quality matc
 between are ignored. Focal loss (0.25, 2) and L1 on (dx, dy, dw, dh) deltas with unit weights,
 both summed and divided by the positives of the whole batch averaged over ranks -- torchvision
 instead normalises per image, which weighs an image with one object like one with fifty.
+
+DyHead placements (`placement`): ``paper`` (Fig. 2b, the default) -- the blocks replace both towers and
+the predictors read the one unified feature; ``official`` -- microsoft/DynamicHead's RetinaNet config,
+which leaves detectron2's default 4-conv cls and box towers on top of the blocks (dyhead_spec.md §B.4).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from torchvision.ops import box_iou, clip_boxes_to_image, sigmoid_focal_loss
 from dyhead.modeling.backbone import BackboneWithFPN
 from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
 from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+
+PLACEMENTS = ("paper", "official")
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class RetinaNetConfig:
     detections_per_img: int = 100
     prior_prob: float = 0.01
     tower_init: str = "paper"  # "paper": normal(0, 0.01) at 256 channels (width-scaled); "gain": He init
+    placement: str = "paper"  # with DyHead: "paper" drops the towers, "official" keeps them on top
 
     @property
     def num_anchors(self) -> int:
@@ -79,12 +86,14 @@ def plain_tower(channels: int, convs: int, init: str = "paper") -> nn.Sequential
 
 class RetinaNetHead(nn.Module):
     """Baseline: separate cls and box towers. DyHead (Fig. 2b): the blocks replace both towers and
-    the two predictors read the one unified feature."""
+    the two predictors read the one unified feature; the official placement keeps the towers after them."""
 
     def __init__(self, channels: int, cfg: RetinaNetConfig, dyhead: DyHeadConfig | None):
         super().__init__()
+        if cfg.placement not in PLACEMENTS:
+            raise ValueError(f"placement: unknown value {cfg.placement!r}; expected one of {', '.join(PLACEMENTS)}")
         self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
-        convs = 0 if self.dyhead is not None else cfg.tower_convs
+        convs = 0 if self.dyhead is not None and cfg.placement == "paper" else cfg.tower_convs
         self.cls_tower = plain_tower(channels, convs, cfg.tower_init)
         self.reg_tower = plain_tower(channels, convs, cfg.tower_init)
         self.cls_logits = nn.Conv2d(channels, cfg.num_anchors * cfg.num_classes, 3, 1, 1)
