@@ -507,6 +507,7 @@ def test_table3_report_pairs_rows_and_says_where_dyhead_helps(repo_copy):
     assert "it does not for FCOS (-1.50)" in text
     assert "RetinaNet (+3.00)" in text and "Faster R-CNN official (+3.00)" in text
     assert "RetinaNet official (+3.00)" in text
+    assert "backbones from `dyhead pretrain` (object-crop classification on the training split)" in text
     assert ("Base lr 0.01 for `retinanet-r50-base-1x`, `retinanet-r50-dyh6-LSC-1x`, "
             "`retinanet-r50-dyh6-LSC-official-1x`.") in text
 
@@ -590,3 +591,12 @@ def test_control_report_is_headed_as_ours_with_its_note(repo_copy):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3:5] == ["+3.00", "–"]  # FLOPs change against the baseline; the paper has no such row
     assert cells[6:10] == ["-3.00", "–", "17.00", "–"]  # AP gain (ours, paper), AP (ours, paper)
+
+
+def test_reports_say_where_the_backbones_start():
+    from dyhead.config import load_profile
+    from dyhead.report.tables import _backbone_start
+
+    assert _backbone_start(load_profile("coco", REPO)) == "backbones from ImageNet weights"
+    assert _backbone_start(load_profile("mini", REPO)).startswith("backbones from `dyhead pretrain`")
+    assert _backbone_start({"model": {"backbones": {"r50": {}}}}) == "backbones from random weights"

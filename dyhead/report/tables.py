@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dyhead.config import Matrix, load_profile
+from dyhead.config import PRETRAINED, Matrix, load_profile
 from dyhead.engine.checkpoint import load_json, save_text
 
 PAPER = "Dai et al., *Dynamic Head*, CVPR 2021"
@@ -125,7 +125,7 @@ def render_comparison(name: str, matrix: Matrix, profile_name: str, runs_root: P
         trained.append(f"`{exp}` {train['iterations']} iterations, {size}")
     schedules = ", ".join(f"{k} = {v}" for k, v in solver["schedules"].items())
     lines.append(f"Training ({profile_name}, batch {solver['batch_size']}, base lr {solver['base_lr']}, "
-                 f"{schedules} iterations): " + "; ".join(trained) + "."
+                 f"{schedules} iterations, {_backbone_start(profile)}): " + "; ".join(trained) + "."
                  + _lr_exceptions(table["rows"], solver["base_lr"], runs))
     lines.append("")
     paper_ap = {(r["experiment"], bool(r.get("tta"))): r["paper"].get("AP") for r in table["rows"]}
@@ -239,11 +239,24 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
     lines.append(
         f"Training ({profile_name}): {train['iterations']} iterations at batch "
         f"{profile['solver']['batch_size']}, base lr {profile['solver']['base_lr']}, "
-        f"images {profile['input']['min_size_train']} px, FPN/head width {profile['model']['fpn_channels']}."
+        f"images {profile['input']['min_size_train']} px, FPN/head width {profile['model']['fpn_channels']}, "
+        f"{_backbone_start(profile)}."
         + _lr_exceptions(table["rows"], profile["solver"]["base_lr"], runs_root / profile_name)
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def _backbone_start(profile: dict) -> str:
+    """Where the profile's backbones start: it changes every number, so each report says it."""
+    starts = {bb.get("weights") for bb in profile["model"]["backbones"].values()}
+    if starts == {PRETRAINED}:
+        return "backbones from `dyhead pretrain` (object-crop classification on the training split)"
+    if starts == {None}:
+        return "backbones from random weights"
+    if None not in starts and PRETRAINED not in starts:
+        return "backbones from ImageNet weights"
+    return "backbones from the weights named in the profile"
 
 
 def _lr_exceptions(rows: list[dict], base_lr: float, runs: Path) -> str:
