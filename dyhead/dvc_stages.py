@@ -93,8 +93,7 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
                                          for p in annotations + [f"{data['root']}/fetch.json"]]}
         data_deps = [f"{data['root']}/fetch.json"]
     weights = _weights(matrix, profile_name, profile, ids)
-    pretrained = sorted({matrix.experiments[e]["backbone"] for e in weights
-                         if profile["model"]["backbones"][matrix.experiments[e]["backbone"]]["weights"] == PRETRAINED})
+    pretrained = sorted(b for b in weights if profile["model"]["backbones"][b]["weights"] == PRETRAINED)
     if pretrained:  # the ImageNet stand-in, from the training split's object crops
         stages["pretrain"] = {"foreach": pretrained, "do": {
             "cmd": f"dyhead pretrain ${{item}} --profile {profile_name} --threads {threads}",
@@ -102,7 +101,7 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
             "params": [{pfile: ["data", "pretrain", "runtime", "model.backbones.${item}"]}],
             "outs": [pretrained_path(profile_name, "${item}"),
                      {pretrained_path(profile_name, "${item}").removesuffix(".pth") + ".json": UNCACHED}]}}
-    imagenet = sorted({p for e, p in weights.items() if matrix.experiments[e]["backbone"] not in pretrained})
+    imagenet = sorted({p for b, p in weights.items() if b not in pretrained})
     if imagenet:
         from dyhead.modeling.pretrained import arch_of_file
 
@@ -160,10 +159,10 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
 
 
 def _weights(matrix: Matrix, profile_name: str, profile: dict, ids: list[str]) -> dict[str, str]:
-    """experiment -> the file its backbone starts from (ImageNet or the pretrained stand-in), if any."""
-    backbones = profile["model"]["backbones"]
-    return {e: weights_file(profile_name, profile, matrix.experiments[e]["backbone"]) for e in ids
-            if backbones.get(matrix.experiments[e]["backbone"], {}).get("weights")}
+    """backbone -> the file it starts from (ImageNet or the pretrained stand-in), for the backbones of `ids`."""
+    used = {matrix.experiments[e]["backbone"] for e in ids}
+    return {b: weights_file(profile_name, profile, b) for b in sorted(used)
+            if profile["model"]["backbones"].get(b, {}).get("weights")}
 
 
 def render(profile_name: str, tables: list[str] | None = None) -> str:

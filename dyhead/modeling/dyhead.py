@@ -28,6 +28,14 @@ from torch import Tensor, nn
 from dyhead.ops import deform_conv2d
 
 HIGH_OFFSET_MODES = ("resample", "crop", "official")
+# Where a detector puts the blocks: "paper" (Fig. 2) or "official" (microsoft/DynamicHead's configs);
+# each detector that offers both says what they mean for it.
+PLACEMENTS = ("paper", "official")
+
+
+def check_placement(placement: str) -> None:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement: unknown value {placement!r}; expected one of {', '.join(PLACEMENTS)}")
 
 
 @dataclass(frozen=True)

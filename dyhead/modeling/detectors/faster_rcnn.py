@@ -48,9 +48,8 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from dyhead.modeling.backbone import BackboneWithFPN
 from dyhead.modeling.detectors.base import Detector
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig, DyReLU
+from dyhead.modeling.dyhead import DyHead, DyHeadConfig, DyReLU, check_placement
 
-PLACEMENTS = ("paper", "official")
 
 
 @dataclass(frozen=True)
@@ -98,8 +97,7 @@ class FasterRCNN(Detector):
     def __init__(self, backbone: BackboneWithFPN, cfg: FasterRCNNConfig, dyhead: DyHeadConfig | None,
                  size_divisible: int):
         super().__init__(size_divisible)
-        if cfg.placement not in PLACEMENTS:
-            raise ValueError(f"placement: unknown value {cfg.placement!r}; expected one of {', '.join(PLACEMENTS)}")
+        check_placement(cfg.placement)
         if backbone.levels[0] != 2:
             raise ValueError(f"Faster R-CNN needs pyramid levels P2-P6, got P{backbone.levels[0]}..")
         self.cfg = cfg

@@ -25,9 +25,8 @@ from torchvision.ops import box_iou, clip_boxes_to_image, sigmoid_focal_loss
 
 from dyhead.modeling.backbone import BackboneWithFPN
 from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+from dyhead.modeling.dyhead import DyHead, DyHeadConfig, check_placement
 
-PLACEMENTS = ("paper", "official")
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,7 @@ class RetinaNetHead(nn.Module):
 
     def __init__(self, channels: int, cfg: RetinaNetConfig, dyhead: DyHeadConfig | None):
         super().__init__()
-        if cfg.placement not in PLACEMENTS:
-            raise ValueError(f"placement: unknown value {cfg.placement!r}; expected one of {', '.join(PLACEMENTS)}")
+        check_placement(cfg.placement)
         self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
         convs = 0 if self.dyhead is not None and cfg.placement == "paper" else cfg.tower_convs
         self.cls_tower = plain_tower(channels, convs, cfg.tower_init)
