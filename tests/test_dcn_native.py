@@ -506,6 +506,16 @@ def test_build_cuda_on_without_nvcc_is_one_line_error(monkeypatch, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_arch_list_keeps_arch_specific_variants(monkeypatch):
+    """9.0a (what an H100/H200 image may preset) is sm_90 to nvcc's list; 7.0 is dropped by CUDA 13."""
+    monkeypatch.setattr(build, "nvcc_archs", lambda nvcc: {"7.5", "8.0", "9.0", "10.0"})
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0;9.0a;10.0f+PTX")
+    assert build.resolve_arch_list("nvcc") == ("9.0a;10.0f+PTX", ["7.0"])
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "6.1")
+    with pytest.raises(DyheadError, match="none of the CUDA architectures 6.1"):
+        build.resolve_arch_list("nvcc")
+
+
 def test_build_cli_help(capsys):
     with pytest.raises(SystemExit) as ex:
         build.main(["--help"])
@@ -569,8 +579,12 @@ def test_cuda_half_matches_fp32_reference(ext, dtype):
     if not native.cuda_compiled():
         pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
     tensors, grad, conv = make_case(23, n=2, c=16, cout=16, h=12, w=10, dtype=torch.float32, device="cuda")
-    y_ref, g_ref = run("torchvision", tensors, grad, conv)
     low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in tensors.items()}
+    # The fp32 reference reads the same rounded values: the offset gradient jumps where a sample crosses a
+    # pixel edge, so rounding the offsets alone moves a few of its elements by up to 28% of its largest
+    # (torchvision in fp64 on rounded vs unrounded inputs, seed 23: 2 elements for fp16, 4 for bf16).
+    ref = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in low.items()}
+    y_ref, g_ref = run("torchvision", ref, grad.to(dtype).float(), conv)
     y, g = run("native", low, grad.to(dtype), conv)
     assert y.dtype == dtype
     tol = 2e-2 if dtype == torch.float16 else 6e-2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import resource
 import time
@@ -137,7 +138,7 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
     model.train()
     t0 = time.perf_counter()
     window: dict[str, float] = {}
-    window_n, last_losses = 0, {}
+    window_n, window_grad, last_losses = 0, 0.0, {}
     iteration = start
     for iteration, (images, targets) in enumerate(loader, start):
         lr = lr_at(iteration, solver, max_iter)
@@ -154,11 +155,14 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
                               f"({', '.join(f'{k}={v.item():.4g}' for k, v in seen.items())}); stopped, {kept}")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        # the total gradient norm is logged always (a diagnostic of head training); clipped only if the profile says
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, solver.get("clip_grad_norm", math.inf))
         optimizer.step()
 
         done = iteration + 1
         for k, v in seen.items():
             window[k] = window.get(k, 0.0) + v.item()
+        window_grad = max(window_grad, grad_norm.item())
         window_n += 1
         if done % solver["log_period"] == 0 or done == max_iter:
             last_losses = {k: v / window_n for k, v in window.items()}
@@ -166,7 +170,7 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
             spent = time.perf_counter() - t0
             per_it = spent / (done - start)
             record = {"iteration": done, "lr": lr, **{k: round(v, 6) for k, v in last_losses.items()},
-                      "sec_per_iter": round(per_it, 4)}
+                      "max_grad_norm": round(window_grad, 4), "sec_per_iter": round(per_it, 4)}
             if ctx.is_main:
                 with open(out / "log.jsonl", "a") as fh:
                     fh.write(json.dumps(record) + "\n")
@@ -174,7 +178,7 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
             parts = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in last_losses.items() if k != "loss")
             log(f"[{run.experiment}] it {done}/{max_iter} loss {last_losses['loss']:.4f} ({parts}) lr {lr:.5f} "
                 f"{per_it:.2f}s/it eta {_fmt_eta(per_it * (max_iter - done))}")
-            window, window_n = {}, 0
+            window, window_n, window_grad = {}, 0, 0.0
         if done % solver["checkpoint_period"] == 0 and done < max_iter:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise DyheadError(f"[{run.experiment}] weights became non-finite at iteration {done}; stopped, "

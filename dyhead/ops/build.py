@@ -108,7 +108,7 @@ def resolve_arch_list(nvcc: str) -> tuple[str, list[str]]:
     supported = nvcc_archs(nvcc)
     kept, dropped = [], []
     for a in requested:
-        base = a.split("+")[0]
+        base = re.sub(r"[af]$", "", a.split("+")[0])  # 9.0a / 10.0f: arch- and family-specific variants
         (kept if supported is None or base in supported else dropped).append(a)
     if not kept:
         raise DyheadError(

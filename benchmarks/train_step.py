@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Time one training step (forward, losses, backward, SGD update) of each detector at a profile's size.
+
+For every experiment asked for (default: Table 3's rows plus ATSS), under one profile (default
+`coco`: ResNet-50, 256-channel FPN and head, 800x1333 images), the detector is built exactly as
+`dyhead train` builds it, but with random weights (no ImageNet file is needed), and trained on one
+fixed batch of random images with random boxes, with the native deformable conv and with
+torchvision's in the same process. It reports per backend the median seconds per step, images per
+second and the peak memory of a step, and the ratio torchvision / native measured in this run.
+
+The batch is the profile's per-GPU batch (coco: 16 images over 8 GPUs = 2), fp32 as the trainer
+runs. Boxes are random, so the numbers are the cost of the network and the loss code at that size,
+not of a particular image.
+
+    python benchmarks/train_step.py --device cuda                       # coco profile, Table 3 rows
+    python benchmarks/train_step.py --profile tiny --device cpu --steps 1 --warmup 0 atss-r50-base-1x
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dyhead.config import load_matrix, resolve  # noqa: E402
+from dyhead.modeling.build import build_detector  # noqa: E402
+from dyhead.ops import native, resolve_backend  # noqa: E402
+
+DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]  # followed by Table 3's other rows
+
+
+def default_experiments() -> list[str]:
+    exps = list(DEFAULT_EXPERIMENTS)
+    for e in load_matrix().table_experiments("table3"):
+        if e not in exps:
+            exps.append(e)
+    return exps
+
+
+def make_batch(n: int, height: int, width: int, num_classes: int, boxes: int, device, seed: int = 0):
+    """Random images in [0, 1] and `boxes` random boxes per image (4 to 50% of the side)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, height, width, generator=g) for _ in range(n)]
+    targets = []
+    for _ in range(n):
+        wh = torch.rand(boxes, 2, generator=g) * 0.46 + 0.04
+        xy = torch.rand(boxes, 2, generator=g) * (1 - wh)
+        b = torch.cat([xy, xy + wh], dim=1) * torch.tensor([width, height, width, height])
+        targets.append({"boxes": b, "labels": torch.randint(0, num_classes, (boxes,), generator=g)})
+    images = [im.to(device) for im in images]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
+               boxes: int, num_classes: int) -> dict:
+    run = resolve(exp, profile)
+    torch.manual_seed(0)
+    model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    solver = run.profile["solver"]
+    # a small lr: random weights on random boxes must stay finite over the timed steps
+    opt = torch.optim.SGD(params, lr=solver["base_lr"] * 0.01, momentum=solver["momentum"],
+                          weight_decay=solver["weight_decay"])
+    inp = run.profile["input"]
+    images, targets = make_batch(batch, inp["min_size_train"] if isinstance(inp["min_size_train"], int)
+                                 else max(inp["min_size_train"]), inp["max_size"], num_classes, boxes, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, last = [], {}
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        losses = model(images, targets)
+        total = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        last = {k: v.item() for k, v in losses.items()}
+    if not all(torch.isfinite(torch.tensor(list(last.values())))):
+        raise RuntimeError(f"{exp} [{backend}]: non-finite loss {last}")
+    sec = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"experiment": exp, "backend": backend, "sec_per_step": sec, "images_per_sec": batch / sec,
+            "peak_gib": peak, "steps": steps, "losses": last}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="*", help="experiment ids (default: ATSS and Table 3's rows)")
+    p.add_argument("--profile", default="coco", help="profile whose model and image size are used (default coco)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per step (default: the profile's per-GPU batch, batch_size / 8 for cuda profiles)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model and backend (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--boxes", type=int, default=7, help="random boxes per image (COCO averages ~7; default 7)")
+    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--backends", default="native,torchvision", help="comma list (default native,torchvision)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    backends = args.backends.split(",")
+    for b in backends:
+        if b not in ("native", "torchvision"):
+            print(f"error: --backends: unknown backend {b!r}; expected native or torchvision", file=sys.stderr)
+            return 2
+    if "native" in backends:
+        if not native.is_built() or (device.type == "cuda" and not native.cuda_compiled()):
+            print(f"error: native extension unavailable for {device.type} ({native.status()}); "
+                  "run `dyhead build-ext` (with --cuda on for a GPU)", file=sys.stderr)
+            return 2
+    exps = args.experiments or default_experiments()
+    prof = resolve(exps[0], args.profile).profile
+    batch = args.batch or max(1, prof["solver"]["batch_size"] // (8 if prof["runtime"]["device"] == "cuda" else 1))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# torch {torch.__version__}, device {device} ({name}), profile {args.profile}, batch {batch}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, fp32, random weights and boxes", flush=True)
+    results = []
+    for exp in exps:
+        for b in backends:
+            r = time_steps(exp, args.profile, resolve_backend(b), device, batch, args.steps, args.warmup, args.boxes,
+                           args.num_classes)
+            results.append(r)
+            peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
+            print(f"  {exp:40s} {b:12s} {r['sec_per_step'] * 1000:9.1f} ms/step {r['images_per_sec']:7.2f} img/s "
+                  f"peak {peak}", flush=True)
+    print(f"\n| experiment | native ms/step | torchvision ms/step | torchvision / native | native peak GiB | torchvision peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for exp in exps:
+        got = {r["backend"]: r for r in results if r["experiment"] == exp}
+        nat, tv = got.get("native"), got.get("torchvision")
+        cell = lambda r, k, f: (f % (r[k] * (1000 if k == "sec_per_step" else 1))) if r and r[k] is not None else "–"  # noqa: E731
+        ratio = f"{tv['sec_per_step'] / nat['sec_per_step']:.2f}x" if nat and tv else "–"
+        print(f"| {exp} | {cell(nat, 'sec_per_step', '%.1f')} | {cell(tv, 'sec_per_step', '%.1f')} | {ratio} | "
+              f"{cell(nat, 'peak_gib', '%.2f')} | {cell(tv, 'peak_gib', '%.2f')} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "profile": args.profile,
+                                         "batch": batch, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
