@@ -152,7 +152,7 @@ def cmd_report(args) -> None:
     from dyhead.engine.train import settings_digest
     from dyhead.report.tables import write_table
 
-    matrix = load_matrix()
+    matrix = load_matrix(profile=args.profile)
     if args.table not in matrix.tables:
         raise DyheadError(f"unknown table {args.table!r}; params/tables.yaml defines {', '.join(sorted(matrix.tables))}")
     out = Path(args.out or f"reports/{args.table}.md")
@@ -168,9 +168,12 @@ def cmd_report(args) -> None:
 def cmd_list(args) -> None:
     from dyhead.config import load_matrix
 
-    matrix = load_matrix()
-    for exp, spec in matrix.experiments.items():
-        print(f"{exp:32s} tables: {','.join(matrix.tables_of(exp)) or '-'}")
+    matrix = load_matrix(profile=args.profile)
+    print(f"# experiments and the tables they feed under profile {args.profile}")
+    for exp in matrix.experiments:
+        tables = matrix.tables_of(exp)
+        if tables or args.all:
+            print(f"{exp:40s} tables: {','.join(tables) or '-'}")
 
 
 def cmd_build_ext(args) -> None:
@@ -298,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: reports/<table>.md)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("list", help="list the experiments and the tables each feeds")
+    p = sub.add_parser("list", help="list the experiments a profile's tables train, and the tables each feeds")
+    _profile_arg(p)
+    p.add_argument("--all", action="store_true", help="also the experiments no table of this profile uses")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml: the tables' experiments as DVC stages (same commands)")

@@ -88,10 +88,16 @@ def canonical_id(spec: dict) -> str:
 
 @dataclass(frozen=True)
 class Matrix:
-    """The experiments and tables, cross-checked."""
+    """The experiments and tables, cross-checked; for one profile when loaded with one.
+
+    Under a profile, a table with `profile_schedule: {<profile>: <schedule>}` names, in each row, the
+    experiment at that schedule instead (its own experiment with the schedule field changed; added to
+    `experiments`), and the row keeps the paper's experiment as `paper_experiment`.
+    """
 
     experiments: dict
     tables: dict
+    profile: str | None = None
 
     def table_experiments(self, table: str) -> list[str]:
         if table not in self.tables:
@@ -104,7 +110,39 @@ class Matrix:
         return [name for name in sorted(self.tables) if exp_id in self.table_experiments(name)]
 
 
-def load_matrix(root: Path | None = None) -> Matrix:
+def at_schedule(exp_id: str, spec: dict, schedule: str) -> tuple[str, dict]:
+    """The experiment `exp_id` trained at another schedule: its id and spec."""
+    if spec["schedule"] == schedule:
+        return exp_id, spec
+    other = {**spec, "schedule": schedule}
+    return canonical_id(other), other
+
+
+def _apply_profile_schedules(experiments: dict, tables: dict, profile: str | None, tab_path: Path) -> tuple[dict, dict]:
+    """Add the experiments every `profile_schedule` asks for (they exist under any profile, e.g. for FLOPs
+    on coco), and under `profile` point the rows of its tables at them."""
+    experiments, out = dict(experiments), {}
+    for name, table in tables.items():
+        renamed = {}
+        for prof, schedule in table.get("profile_schedule", {}).items():
+            for exp in [row["experiment"] for row in table["rows"]] + list(table.get("noise", [])):
+                exp_id, spec = at_schedule(exp, experiments[exp], schedule)
+                if experiments.setdefault(exp_id, spec) != spec:
+                    raise DyheadError(f"{tab_path}: {name}.profile_schedule.{prof}: {exp} at {schedule} is {exp_id}, "
+                                      "which params/experiments.yaml defines with other fields")
+                if prof == profile:
+                    renamed[exp] = exp_id
+        if not renamed:
+            out[name] = table
+            continue
+        rows = [{**row, "experiment": renamed[row["experiment"]], "paper_experiment": row["experiment"]}
+                for row in table["rows"]]
+        out[name] = {**table, "rows": rows, **({"noise": [renamed[e] for e in table["noise"]]} if "noise" in table else {})}
+    return experiments, out
+
+
+def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
+    """The experiments and tables of params/; under `profile`, with its table schedules applied."""
     root = root or repo_root()
     exp_path, tab_path = root / "params" / "experiments.yaml", root / "params" / "tables.yaml"
     experiments = load_yaml(exp_path)
@@ -130,7 +168,8 @@ def load_matrix(root: Path | None = None) -> Matrix:
         for exp_id in table.get("noise", []):
             if exp_id not in experiments:
                 raise DyheadError(f"{tab_path}: {name}.noise: unknown experiment {exp_id!r}")
-    return Matrix(experiments, tables)
+    experiments, tables = _apply_profile_schedules(experiments, tables, profile, tab_path)
+    return Matrix(experiments, tables, profile)
 
 
 def profile_names(root: Path | None = None) -> list[str]:
@@ -217,7 +256,7 @@ def weights_file(profile_name: str, profile: dict, backbone: str) -> str | None:
 
 def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None) -> RunConfig:
     root = root or repo_root()
-    matrix = load_matrix(root)
+    matrix = load_matrix(root, profile_name)
     if exp_id not in matrix.experiments:
         close = [e for e in matrix.experiments if e.split("-")[:2] == exp_id.split("-")[:2]][:3]
         hint = f"; did you mean {', '.join(close)}?" if close else "; `dyhead list` shows them"
@@ -241,6 +280,9 @@ def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None 
     if "solver" in spec:  # per-experiment override, relative so it holds under every profile
         solver, over = profile["solver"], spec["solver"]
         scale = over.get("lr_scale", 1.0) * over.get("profile_lr_scale", {}).get(profile_name, 1.0)
-        profile = {**profile, "solver": {**solver, "base_lr": solver["base_lr"] * scale}}
+        solver = {**solver, "base_lr": solver["base_lr"] * scale}
+        if profile_name in over.get("profile_clip_grad_norm", {}):
+            solver["clip_grad_norm"] = over["profile_clip_grad_norm"][profile_name]
+        profile = {**profile, "solver": solver}
     return RunConfig(exp_id, profile_name, spec, profile)
 

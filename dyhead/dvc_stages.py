@@ -71,7 +71,7 @@ def _foreach(ids: list[str], matrix: Matrix, stage: dict) -> dict:
 
 def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
     root = repo_root()
-    matrix, profile = load_matrix(root), load_profile(profile_name, root)
+    matrix, profile = load_matrix(root, profile_name), load_profile(profile_name, root)
     tables = tables or sorted(matrix.tables)
     ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
     flops_tables = [t for t in tables if matrix.tables[t].get("flops")]  # as the report rule asks for

@@ -267,7 +267,7 @@ def run_tags(run: RunConfig, digest: str, root: Path, extra: dict) -> dict[str, 
     commit, dirty = git_state(root)
     return {"run_key": f"{run.profile_name}/{run.experiment}", "experiment": run.experiment,
             "profile": run.profile_name, "settings_digest": digest,
-            "tables": ",".join(load_matrix(root).tables_of(run.experiment)), "git_commit": commit,
+            "tables": ",".join(load_matrix(root, run.profile_name).tables_of(run.experiment)), "git_commit": commit,
             "git_dirty": dirty, "mlflow.source.git.commit": commit, **{k: str(v) for k, v in extra.items()}}
 
 

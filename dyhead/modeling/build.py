@@ -36,6 +36,7 @@ class Parts:
     tower_gn_groups: int
     dcn_backend: str
     plain_head_init: str
+    roi_batch_size_per_image: int
     spec: dict
 
     def backbone(self, levels: tuple[int, ...]) -> BackboneWithFPN:
@@ -69,7 +70,8 @@ def build_reppoints(p: Parts) -> Detector:
 
 
 def build_faster_rcnn(p: Parts) -> Detector:
-    cfg = FasterRCNNConfig(num_classes=p.num_classes, placement=p.spec.get("placement", "paper"))
+    cfg = FasterRCNNConfig(num_classes=p.num_classes, placement=p.spec.get("placement", "paper"),
+                           box_batch_size_per_image=p.roi_batch_size_per_image)
     return FasterRCNN(p.backbone(TWO_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
 
 
@@ -128,6 +130,7 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         tower_gn_groups=model_cfg["tower_gn_groups"],
         dcn_backend=dcn_backend,
         plain_head_init=model_cfg.get("plain_head_init", "paper"),
+        roi_batch_size_per_image=model_cfg.get("roi_batch_size_per_image", 512),
         spec=run.spec,
     )
     return DETECTORS[name](parts)

@@ -241,6 +241,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path =
         f"{profile['solver']['batch_size']}, base lr {profile['solver']['base_lr']}, "
         f"images {profile['input']['min_size_train']} px, FPN/head width {profile['model']['fpn_channels']}, "
         f"{_backbone_start(profile)}."
+        + _schedule_note(table, matrix)
         + _lr_exceptions(table["rows"], profile["solver"]["base_lr"], runs_root / profile_name)
     )
     lines.append("")
@@ -260,14 +261,29 @@ def _backbone_start(profile: dict) -> str:
 
 
 def _lr_exceptions(rows: list[dict], base_lr: float, runs: Path) -> str:
-    """' Rows trained at another lr (per-experiment `solver` override): ...', from their train.json."""
-    other = {}
+    """' Base lr X for ...' and ' Gradient norm clipped at Y for ...' (per-experiment `solver` overrides),
+    from the rows' train.json."""
+    other, clipped = {}, {}
     for exp in dict.fromkeys(row["experiment"] for row in rows):  # a TTA row repeats its experiment
-        config = load_json(runs / exp / "train.json").get("config", {})
-        lr = config.get("profile_settings", {}).get("solver", {}).get("base_lr", base_lr)
+        solver = load_json(runs / exp / "train.json").get("config", {}).get("profile_settings", {}).get("solver", {})
+        lr = solver.get("base_lr", base_lr)
         if lr != base_lr:
             other.setdefault(lr, []).append(f"`{exp}`")
-    return "".join(f" Base lr {lr:g} for {', '.join(exps)}." for lr, exps in other.items())
+        if "clip_grad_norm" in solver:
+            clipped.setdefault(solver["clip_grad_norm"], []).append(f"`{exp}`")
+    return ("".join(f" Base lr {lr:g} for {', '.join(exps)}." for lr, exps in other.items())
+            + "".join(f" Gradient norm clipped at {c:g} for {', '.join(exps)}." for c, exps in clipped.items()))
+
+
+def _schedule_note(table: dict, matrix: Matrix) -> str:
+    """' Every row trains 3x here (...)' when the profile's `profile_schedule` renamed the table's rows."""
+    paper = [row["paper_experiment"] for row in table["rows"] if "paper_experiment" in row]
+    if not paper:
+        return ""
+    schedule = table["profile_schedule"][matrix.profile]
+    theirs = sorted({matrix.experiments[e]["schedule"] for e in paper})
+    return (f" Every row trains the {schedule} schedule on this profile where the paper trains {', '.join(theirs)} "
+            f"(params/tables.yaml `profile_schedule`); on other profiles the rows are `{paper[0]}` and so on.")
 
 
 def write_table(name: str, matrix: Matrix, profile_name: str, out: Path, runs_root: Path = Path("runs")) -> str:

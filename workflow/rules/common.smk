@@ -8,7 +8,7 @@ from dyhead.errors import DyheadError
 
 PROFILE = config["profile"]
 try:
-    MATRIX = load_matrix(Path.cwd())
+    MATRIX = load_matrix(Path.cwd(), PROFILE)
     PROFILE_CFG = load_profile(PROFILE, Path.cwd())
 except DyheadError as exc:
     sys.exit(f"dyhead: error: {exc}")
