@@ -513,11 +513,49 @@ def test_table3_report_pairs_rows_and_says_where_dyhead_helps(repo_copy):
 
 
 def test_per_experiment_lr_scale_holds_under_every_profile():
-    for profile, scale in (("coco", 0.5), ("mini", 0.25), ("tiny", 0.5)):  # mini halves it once more
+    """RetinaNet trains at half the profile's lr everywhere; gradients are clipped on mini only."""
+    for profile in ("coco", "mini", "tiny"):
         base = resolve("fcos-r50-base-1x", profile, REPO).profile["solver"]["base_lr"]
-        for exp in ("retinanet-r50-base-1x", "retinanet-r50-dyh6-LSC-1x", "retinanet-r50-dyh6-LSC-official-1x"):
-            assert resolve(exp, profile, REPO).profile["solver"]["base_lr"] == pytest.approx(base * scale)
+        for exp in ("retinanet-r50-base-1x", "retinanet-r50-dyh6-LSC-1x", "retinanet-r50-dyh6-LSC-official-1x",
+                    "retinanet-r50-dyh6-LSC-3x"):
+            solver = resolve(exp, profile, REPO).profile["solver"]
+            assert solver["base_lr"] == pytest.approx(base * 0.5)
+            assert solver.get("clip_grad_norm") == (10 if profile == "mini" else None)
     assert resolve("retinanet-r50-base-1x", "coco", REPO).profile["solver"]["base_lr"] == pytest.approx(0.01)
+    assert "clip_grad_norm" not in resolve("fcos-r50-base-1x", "mini", REPO).profile["solver"]
+
+
+def test_table3_trains_3x_on_mini_and_the_papers_1x_elsewhere():
+    mini, coco = load_matrix(REPO, "mini"), load_matrix(REPO, "coco")
+    assert coco.table_experiments("table3") == load_matrix(REPO).table_experiments("table3")
+    assert all(e.endswith("-1x") for e in coco.table_experiments("table3"))
+    three = mini.table_experiments("table3")
+    assert len(three) == 12 and all(e.endswith("-3x") for e in three)
+    assert [r["paper_experiment"] for r in mini.tables["table3"]["rows"]] == coco.table_experiments("table3")
+    assert mini.tables_of("atss-r50-base-3x") == ["table3"]
+    assert "table3" not in mini.tables_of("atss-r50-base-1x") and "table3" in coco.tables_of("atss-r50-base-1x")
+    # the 3x experiments are real experiments under any profile (FLOPs are counted on coco)
+    assert resolve("atss-r50-base-3x", "mini", REPO).max_iter == 3000
+    assert resolve("atss-r50-base-3x", "coco", REPO).max_iter == 270000
+    # Tables 1-2 keep mini's 1x
+    assert all(e.endswith("-1x") or e.endswith("-seed1") for e in mini.table_experiments("table2"))
+
+
+def test_profile_schedule_must_not_contradict_an_experiment(repo_copy):
+    exps = yaml.safe_load((repo_copy / "params/experiments.yaml").read_text())
+    exps["experiments"]["fcos-r50-base-3x"] = {"detector": "fcos", "backbone": "r50", "schedule": "3x",
+                                                "head": {"blocks": 0}, "seed": 0, "solver": {"lr_scale": 2.0}}
+    (repo_copy / "params/experiments.yaml").write_text(yaml.safe_dump(exps))
+    with pytest.raises(DyheadError, match=r"table3\.profile_schedule\.mini: fcos-r50-base-1x at 3x is fcos-r50-base-3x"):
+        load_matrix(repo_copy, "mini")
+
+
+def test_faster_rcnn_rois_per_image_from_the_profile():
+    from dyhead.modeling.build import build_detector
+
+    for profile, rois in (("mini", 128), ("tiny", 512)):
+        model = build_detector(resolve("faster_rcnn-r50-base-1x", profile, REPO), 3, "torchvision", load_weights=False)
+        assert model.roi_heads.fg_bg_sampler.batch_size_per_image == rois
 
 
 def test_profile_lr_scale_touches_only_the_named_profile():
