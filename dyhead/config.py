@@ -118,13 +118,17 @@ def at_schedule(exp_id: str, spec: dict, schedule: str) -> tuple[str, dict]:
     return canonical_id(other), other
 
 
-def _apply_profile_schedules(experiments: dict, tables: dict, profile: str | None, tab_path: Path) -> tuple[dict, dict]:
+def _apply_profile_schedules(experiments: dict, tables: dict, profile: str | None, tab_path: Path,
+                             known_profiles: list[str]) -> tuple[dict, dict]:
     """Add the experiments every `profile_schedule` asks for (they exist under any profile, e.g. for FLOPs
     on coco), and under `profile` point the rows of its tables at them."""
     experiments, out = dict(experiments), {}
     for name, table in tables.items():
         renamed = {}
         for prof, schedule in table.get("profile_schedule", {}).items():
+            if prof not in known_profiles:
+                raise DyheadError(f"{tab_path}: {name}.profile_schedule.{prof}: no params/profiles/{prof}.yaml "
+                                  f"(profiles: {', '.join(known_profiles)})")
             for exp in [row["experiment"] for row in table["rows"]] + list(table.get("noise", [])):
                 exp_id, spec = at_schedule(exp, experiments[exp], schedule)
                 if experiments.setdefault(exp_id, spec) != spec:
@@ -168,7 +172,7 @@ def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
         for exp_id in table.get("noise", []):
             if exp_id not in experiments:
                 raise DyheadError(f"{tab_path}: {name}.noise: unknown experiment {exp_id!r}")
-    experiments, tables = _apply_profile_schedules(experiments, tables, profile, tab_path)
+    experiments, tables = _apply_profile_schedules(experiments, tables, profile, tab_path, profile_names(root))
     return Matrix(experiments, tables, profile)
 
 

@@ -550,6 +550,13 @@ def test_profile_schedule_must_not_contradict_an_experiment(repo_copy):
         load_matrix(repo_copy, "mini")
 
 
+def test_profile_schedule_names_a_known_profile(repo_copy):
+    text = (repo_copy / "params/tables.yaml").read_text().replace("profile_schedule: {mini: 3x}", "profile_schedule: {mni: 3x}")
+    (repo_copy / "params/tables.yaml").write_text(text)
+    with pytest.raises(DyheadError, match=r"tables.yaml: table3.profile_schedule.mni: no params/profiles/mni.yaml"):
+        load_matrix(repo_copy)
+
+
 def test_faster_rcnn_rois_per_image_from_the_profile():
     from dyhead.modeling.build import build_detector
 
