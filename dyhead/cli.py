@@ -62,6 +62,14 @@ def cmd_evaluate(args) -> None:
         evaluate(run, threads=args.threads, backend=args.dcn_backend)
 
 
+def cmd_diagnose(args) -> None:
+    from dyhead.config import resolve
+    from dyhead.engine.diagnose import diagnose
+
+    diagnose(resolve(args.experiment, args.profile), init=args.init, images=args.images, threads=args.threads,
+             backend=args.dcn_backend)
+
+
 def cmd_fetch_coco(args) -> None:
     from dyhead.config import load_profile
     from dyhead.data.coco_fetch import fetch_coco
@@ -262,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["val", "test-dev"], default="val",
                    help="test-dev (coco profile): write detections_test-dev2017_<name>_results.zip for the COCO server")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("diagnose", help="per head stage: each loss's gradient and a linear class probe (why a "
+                       "head learns boxes but not classes); writes diagnose.json beside the run")
+    p.add_argument("experiment")
+    _profile_arg(p)
+    _runtime_args(p)
+    p.add_argument("--init", action="store_true", help="the model as training starts it, not model_final.pth")
+    p.add_argument("--images", type=int, default=256, help="training images to measure on (default 256)")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("fetch-coco", help="download, verify and extract COCO 2017 (resumable; skipped once done)")
     _profile_arg(p)
