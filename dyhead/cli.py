@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="predict on the validation set; write predictions.json and metrics.json")
-    p.add_argument("experiment")
+    p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
     _profile_arg(p)
     _runtime_args(p)
     p.add_argument("--tta", action="store_true",
@@ -273,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("diagnose", help="per head stage: each loss's gradient and a linear class probe (why a "
                        "head learns boxes but not classes); writes diagnose.json beside the run")
-    p.add_argument("experiment")
+    p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
     _profile_arg(p)
     _runtime_args(p)
     p.add_argument("--init", action="store_true", help="the model as training starts it, not model_final.pth")
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("flops", help="count GMACs of the coco-profile model at 800x1344 and of the profile's model")
-    p.add_argument("experiment")
+    p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
     _profile_arg(p)
     p.add_argument("--out", help="output JSON (default: runs/<profile>/<experiment>/flops.json)")
     p.set_defaults(func=cmd_flops)
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dyhead: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dyhead list | head`: the reader left; silence the flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
