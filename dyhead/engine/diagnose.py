@@ -17,6 +17,7 @@ runs/<profile>/<exp>/diagnose.json (diagnose_init.json with --init).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -27,7 +28,7 @@ from torch import Tensor
 from dyhead.config import RunConfig
 from dyhead.data.coco import collate
 from dyhead.engine.checkpoint import load_checkpoint, save_json
-from dyhead.engine.train import _to_device, make_dataset, setup_runtime
+from dyhead.engine.train import to_device, make_dataset, setup_runtime
 from dyhead.errors import DyheadError
 from dyhead.modeling.build import build_detector
 
@@ -47,17 +48,21 @@ def object_level(box: Tensor, strides: list[int]) -> int:
     return min(range(len(strides)), key=lambda i: abs(math.log2(size / (8 * strides[i]))))
 
 
-def centre_features(stage: list[Tensor], targets: list[dict], strides: list[int]) -> tuple[list[Tensor], list[int]]:
-    feats, labels = [], []
-    for i, t in enumerate(targets):
-        for box, label in zip(t["boxes"], t["labels"]):
-            lvl = object_level(box, strides)
-            fmap = stage[lvl][i]
-            x = int(((box[0] + box[2]) / 2 / strides[lvl]).clamp(0, fmap.shape[-1] - 1))
-            y = int(((box[1] + box[3]) / 2 / strides[lvl]).clamp(0, fmap.shape[-2] - 1))
-            feats.append(fmap[:, y, x].detach())
-            labels.append(int(label))
-    return feats, labels
+def object_cells(targets: list[dict], strides: list[int]) -> list[tuple[int, int, float, float, int]]:
+    """(image, level, centre x, centre y in pixels, label) of every object, at the level that fits its size."""
+    return [(i, object_level(box, strides), float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2, int(label))
+            for i, t in enumerate(targets) for box, label in zip(t["boxes"], t["labels"])]
+
+
+def centre_features(stage: list[Tensor], cells: list[tuple], strides: list[int]) -> list[Tensor]:
+    """The feature vector of `stage` at each object's centre cell."""
+    feats = []
+    for i, lvl, cx, cy, _ in cells:
+        fmap = stage[lvl][i]
+        x = min(max(int(cx / strides[lvl]), 0), fmap.shape[-1] - 1)
+        y = min(max(int(cy / strides[lvl]), 0), fmap.shape[-2] - 1)
+        feats.append(fmap[:, y, x].detach())
+    return feats
 
 
 def linear_probe(x: Tensor, y: Tensor, num_classes: int, seed: int = 0) -> float:
@@ -122,21 +127,20 @@ def diagnose(run: RunConfig, *, init: bool = False, images: int = 256, batch_siz
     try:
         for start in range(0, n, batch_size):
             imgs, targets = collate([dataset[i] for i in range(start, start + batch_size)])
-            imgs, targets = _to_device(imgs, targets, device)
+            imgs, targets = to_device(imgs, targets, device)
             stages.clear()
             losses = model(imgs, targets)
             names = list(stages)
             flat = [t for name in names for t in stages[name]]
             for loss_name, loss in losses.items():
-                grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
-                per = len(flat) // len(names)
-                for j, name in enumerate(names):
-                    sq = sum(float(g.pow(2).sum()) for g in grads[j * per:(j + 1) * per] if g is not None)
+                grads = iter(torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True))
+                for name in names:  # each stage's tensors, in the order `flat` holds them
+                    sq = sum(float(g.pow(2).sum()) for g in itertools.islice(grads, len(stages[name])) if g is not None)
                     grad_sq[(name, loss_name)] = grad_sq.get((name, loss_name), 0.0) + sq
+            cells = object_cells(targets, strides)
             for name in names:
-                f, lab = centre_features(stages[name], targets, strides)
-                feats.setdefault(name, []).extend(f)
-            labels.extend(lab)
+                feats.setdefault(name, []).extend(centre_features(stages[name], cells, strides))
+            labels.extend(cell[-1] for cell in cells)
     finally:
         for h in hooks:
             h.remove()

@@ -15,7 +15,7 @@ from dyhead.data.synthetic import area_ranges
 from dyhead.engine import distributed
 from dyhead.engine.checkpoint import load_checkpoint, save_json
 from dyhead.engine.tracking import log_run_outputs
-from dyhead.engine.train import _to_device, make_dataset, settings_digest, setup_runtime
+from dyhead.engine.train import to_device, make_dataset, settings_digest, setup_runtime
 from dyhead.errors import DyheadError
 from dyhead.modeling.build import build_detector
 
@@ -72,7 +72,7 @@ def predict(model, dataset, batch_size: int, device, log=print, tag: str = "",
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     results, t0, n = [], time.perf_counter(), len(loader)
     for i, (images, targets) in enumerate(loader, 1):
-        images, _ = _to_device(images, [], device)
+        images, _ = to_device(images, [], device)
         for out, tgt in zip(model(images), targets):
             results.extend(to_coco_results(out, tgt, dataset.label_to_category))
         if i % 20 == 0 or i == n:

@@ -79,7 +79,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _to_device(images, targets, device):
+def to_device(images, targets, device):
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return images, targets
@@ -144,7 +144,7 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
         lr = lr_at(iteration, solver, max_iter)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images, targets = _to_device(images, targets, device)
+        images, targets = to_device(images, targets, device)
         losses = net(images, targets)
         total = sum(losses.values())
         seen = distributed.mean_over_ranks(losses)  # the global batch's losses, the same on every rank

@@ -25,7 +25,7 @@ from dyhead.engine import distributed
 from dyhead.engine.checkpoint import load_checkpoint, save_json
 from dyhead.engine.evaluate import coco_metrics, predict, to_coco_results
 from dyhead.engine.tracking import log_run_outputs
-from dyhead.engine.train import _to_device, settings_digest, setup_runtime
+from dyhead.engine.train import to_device, settings_digest, setup_runtime
 from dyhead.errors import DyheadError
 from dyhead.modeling.detectors.base import nms_per_image
 from dyhead.modeling.build import build_detector
@@ -132,7 +132,7 @@ def predict_dataset_tta(model, dataset, cfg: TTAConfig, batches: list[list[int]]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     results, t0, n = [], time.perf_counter(), len(loader)
     for i, (images, targets) in enumerate(loader, 1):
-        images, _ = _to_device(images, [], device)
+        images, _ = to_device(images, [], device)
         for out, tgt in zip(predict_tta(model, images, cfg), targets):
             results.extend(to_coco_results(out, tgt, dataset.label_to_category))
         if i % 20 == 0 or i == n:
