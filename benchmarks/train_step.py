@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
             print(f"  {exp:40s} {b:12s} {r['sec_per_step'] * 1000:9.1f} ms/step {r['images_per_sec']:7.2f} img/s "
                   f"peak {peak}", flush=True)
-    print(f"\n| experiment | native ms/step | torchvision ms/step | torchvision / native | native peak GiB | torchvision peak GiB |")
+    print("\n| experiment | native ms/step | torchvision ms/step | torchvision / native | native peak GiB | torchvision peak GiB |")
     print("|---|---|---|---|---|---|")
     for exp in exps:
         got = {r["backend"]: r for r in results if r["experiment"] == exp}

@@ -6,7 +6,6 @@ Snakemake, DVC and people call exactly these commands. Errors in the input print
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -48,19 +47,16 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from dyhead.config import resolve
-    from dyhead.engine.evaluate import evaluate
 
     run = resolve(args.experiment, args.profile)
     if args.split == "test-dev":  # no public labels: write the server's upload zip
         from dyhead.engine.testdev import predict_testdev
 
         predict_testdev(run, tta=args.tta, threads=args.threads, backend=args.dcn_backend)
-    elif args.tta:
-        from dyhead.engine.tta import evaluate_tta
-
-        evaluate_tta(run, threads=args.threads, backend=args.dcn_backend)
     else:
-        evaluate(run, threads=args.threads, backend=args.dcn_backend)
+        from dyhead.engine.evaluate import evaluate
+
+        evaluate(run, tta=args.tta, threads=args.threads, backend=args.dcn_backend)
 
 
 def cmd_diagnose(args) -> None:
@@ -132,46 +128,15 @@ def cmd_fetch_weights(args) -> None:
 
 def cmd_flops(args) -> None:
     from dyhead.config import resolve
-    from dyhead.engine.checkpoint import save_json
-    from dyhead.engine.flops import PAPER_INPUT, count_run
-    from dyhead.engine.tracking import log_run_outputs
-    from dyhead.engine.train import settings_digest
+    from dyhead.engine.flops import flops
 
-    run = resolve(args.experiment, args.profile)
-    paper = count_run(resolve(args.experiment, "coco"), PAPER_INPUT, num_classes=80)
-    size = run.profile["input"]["min_size_test"]
-    div = run.profile["input"]["size_divisible"]
-    padded = ((size + div - 1) // div * div,) * 2
-    classes = run.profile["data"].get("synthetic", {}).get("num_classes", 80)
-    own = count_run(run, padded, num_classes=classes)
-    record = {"experiment": args.experiment, "convention": "multiply-adds (GMACs), deformable convs counted",
-              "coco": paper, args.profile: own}
-    out = Path(args.out) if args.out else run.run_dir / "flops.json"
-    save_json(out, record)
-    # FLOPs belong to the experiment's MLflow run (the one its training created) as a metric and an artifact
-    log_run_outputs(run, "flops", settings_digest(run), [out],
-                    {"gmacs_coco": paper["gmacs"], f"gmacs_{args.profile}": own["gmacs"]}, 0)
-    print(f"[{args.experiment}] {paper['gmacs']:.2f} GMACs at {PAPER_INPUT[0]}x{PAPER_INPUT[1]} (coco profile); "
-          f"{own['gmacs']:.3f} GMACs at {padded[0]}x{padded[1]} ({args.profile}) -> {out}")
+    flops(resolve(args.experiment, args.profile), args.out)
 
 
 def cmd_report(args) -> None:
-    from dyhead.config import load_matrix, resolve
-    from dyhead.engine.tracking import log_run_outputs
-    from dyhead.engine.train import settings_digest
-    from dyhead.report.tables import write_table
+    from dyhead.report.tables import report
 
-    matrix = load_matrix(profile=args.profile)
-    if args.table not in matrix.tables:
-        raise DyheadError(f"unknown table {args.table!r}; params/tables.yaml defines {', '.join(sorted(matrix.tables))}")
-    out = Path(args.out or f"reports/{args.table}.md")
-    write_table(args.table, matrix, args.profile, out)
-    # the report goes to every run it summarises, so each run in `mlflow ui` links to its table
-    for exp in dict.fromkeys(matrix.table_experiments(args.table)):
-        run = resolve(exp, args.profile)
-        if (run.run_dir / "metrics.json").exists():
-            log_run_outputs(run, "report", settings_digest(run), [out], {}, 0)
-    print(f"wrote {out} (profile {args.profile})")
+    report(args.table, args.profile, args.out)
 
 
 def cmd_list(args) -> None:
@@ -185,32 +150,6 @@ def cmd_list(args) -> None:
             print(f"{exp:40s} tables: {','.join(tables) or '-'}")
 
 
-def cmd_build_ext(args) -> None:
-    from dyhead.engine.checkpoint import save_json
-    from dyhead.ops import build, native
-
-    rest = [a for a in args.rest if a != "--allow-fallback"]
-    allow_fallback = len(rest) != len(args.rest)
-    if "-h" in rest or "--help" in rest:
-        with contextlib.suppress(SystemExit):  # argparse exits after printing help
-            build.main(rest)
-        print("\n  --allow-fallback      if the build fails, record that in the manifest and exit 0: "
-              "dcn_backend 'auto' then uses torchvision's op (the Snakemake rule passes this)")
-        return
-    if build.main(rest) == 0:
-        return
-    if not allow_fallback:
-        raise DyheadError("the native extension did not build (reason above); dcn_backend 'auto' uses torchvision's op")
-    finder = argparse.ArgumentParser(add_help=False)
-    finder.add_argument("--build-dir")
-    known, _ = finder.parse_known_args(rest)
-    build_dir = Path(known.build_dir or native.default_ext_dir())
-    save_json(build_dir / "manifest.json", {"library": None, "native": False, "source_hash": native.source_hash(),
-                                             "reason": "build failed; see the build log above"})
-    print(f"dyhead build-ext: native extension not built; trainings fall back to torchvision's op "
-          f"({build_dir / 'manifest.json'})")
-
-
 def cmd_dvc_yaml(args) -> None:
     from dyhead.dvc_stages import render
 
@@ -220,15 +159,15 @@ def cmd_dvc_yaml(args) -> None:
             raise DyheadError(f"{out} is not what params/ gives; regenerate: dyhead dvc-yaml --profile {args.profile}")
         print(f"{out} is up to date")
         return
-    from dyhead.engine.checkpoint import save_text
+    from dyhead.files import save_text
 
     save_text(out, text)
     print(f"wrote {out} (profile {args.profile}): `dvc repro` runs it, `dvc push` stores the checkpoints")
 
 
 def cmd_gpu_check(args) -> None:
-    from dyhead.engine.checkpoint import save_text
     from dyhead.engine.distributed import gpu_report
+    from dyhead.files import save_text
 
     text, count = gpu_report(args.expect)
     print(text, end="")
@@ -250,10 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_arg(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("build-ext", help="compile the native deformable-conv extension (CPU; CUDA where nvcc is)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the builder (see dyhead build-ext --help)")
-    p.set_defaults(func=cmd_build_ext)
+    sub.add_parser("build-ext", help="compile the native deformable-conv extension (CPU; CUDA where nvcc is); "
+                   "`dyhead build-ext --help` for its options", add_help=False)
 
     p = sub.add_parser("train", help="train one experiment into runs/<profile>/<experiment>/ (resumes by itself)")
     p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
@@ -341,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["build-ext"]:  # its own parser (dyhead.ops.build) takes the rest verbatim
-        args = argparse.Namespace(func=cmd_build_ext, rest=argv[1:])
-    else:
-        args = build_parser().parse_args(argv)
+        from dyhead.ops import build
+
+        return build.main(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except DyheadError as exc:

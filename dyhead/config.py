@@ -8,6 +8,8 @@ A bad key or value fails here, before any job starts, with one line naming file 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from jsonschema import Draft202012Validator
 from dyhead.errors import DyheadError
 
 DEFAULT_PROFILE = "mini"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"  # shipped with the package: validation works outside a checkout
 # Switches not given in an experiment's head default to the full DyHead block.
 HEAD_DEFAULTS = {"scale": True, "spatial": True, "task": True, "high_offsets": "resample"}
 
@@ -49,9 +52,9 @@ def _validator(schema_path: str) -> Draft202012Validator:
     return Draft202012Validator(load_yaml(Path(schema_path)))
 
 
-def validate(data: dict, schema: str, path: Path, root: Path) -> None:
-    """Check `data` against workflow/schemas/<schema>.schema.yaml; raise on the first error."""
-    validator = _validator(str(root / "workflow" / "schemas" / f"{schema}.schema.yaml"))
+def validate(data: dict, schema: str, path: Path) -> None:
+    """Check `data` against dyhead/schemas/<schema>.schema.yaml; raise on the first error."""
+    validator = _validator(str(SCHEMAS / f"{schema}.schema.yaml"))
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
         err = errors[0]
@@ -150,7 +153,7 @@ def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
     root = root or repo_root()
     exp_path, tab_path = root / "params" / "experiments.yaml", root / "params" / "tables.yaml"
     experiments = load_yaml(exp_path)
-    validate(experiments, "experiments", exp_path, root)
+    validate(experiments, "experiments", exp_path)
     experiments = experiments["experiments"]
     for exp_id, spec in experiments.items():
         expected = canonical_id(spec)
@@ -161,7 +164,7 @@ def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
             raise DyheadError(f"{exp_path}: experiments.{exp_id}.head.{tower_keys[0]}: applies to the ATSS baseline "
                               "head (detector atss, blocks 0) only")
     tables = load_yaml(tab_path)
-    validate(tables, "tables", tab_path, root)
+    validate(tables, "tables", tab_path)
     for name, table in tables.items():
         for i, row in enumerate(table["rows"]):
             if row["experiment"] not in experiments:
@@ -187,7 +190,7 @@ def load_profile(name: str, root: Path | None = None) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or not path.exists():
         raise DyheadError(f"unknown profile {name!r}; params/profiles/ has {', '.join(profile_names(root))}")
     profile = load_yaml(path)
-    validate(profile, "profile", path, root)
+    validate(profile, "profile", path)
     pretrained = [k for k, bb in profile["model"]["backbones"].items() if bb.get("weights") == PRETRAINED]
     if pretrained and "pretrain" not in profile:
         raise DyheadError(f"{path}: model.backbones.{pretrained[0]}.weights: 'pretrained' needs a `pretrain` section")
@@ -207,6 +210,7 @@ class RunConfig:
     profile_name: str
     spec: dict
     profile: dict = field(repr=False)
+    tables: tuple[str, ...] = ()  # the tables of params/tables.yaml that report this experiment
 
     @property
     def run_dir(self) -> Path:
@@ -231,6 +235,17 @@ class RunConfig:
     @property
     def weights(self) -> str | None:
         return weights_file(self.profile_name, self.profile, self.spec["backbone"])
+
+    @property
+    def digest(self) -> str:
+        """What a checkpoint must agree with to be resumed: every setting that changes the weights
+        (logging and checkpoint periods excluded)."""
+        solver = {k: v for k, v in self.profile["solver"].items() if k not in ("checkpoint_period", "log_period")}
+        keep = {"spec": self.spec, "model": self.profile["model"], "input": self.profile["input"], "solver": solver,
+                "data": self.profile["data"], "seed": self.seed, "max_iter": self.max_iter}
+        if self.backbone.get("weights") == PRETRAINED:  # the stand-in's recipe is part of the start point
+            keep["pretrain"] = self.profile["pretrain"]
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         """Flat-ish record of every setting, stored with each run."""
@@ -258,9 +273,13 @@ def weights_file(profile_name: str, profile: dict, backbone: str) -> str | None:
     return pretrained_path(profile_name, backbone) if weights == PRETRAINED else weights
 
 
-def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None) -> RunConfig:
+def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None,
+            matrix: Matrix | None = None) -> RunConfig:
+    """`exp_id` under `profile_name`; pass `matrix` (loaded for that profile) to resolve many without re-reading params/."""
     root = root or repo_root()
-    matrix = load_matrix(root, profile_name)
+    matrix = matrix or load_matrix(root, profile_name)
+    if matrix.profile != profile_name:
+        raise ValueError(f"resolve: matrix loaded for profile {matrix.profile!r}, not {profile_name!r}")
     if exp_id not in matrix.experiments:
         close = [e for e in matrix.experiments if e.split("-")[:2] == exp_id.split("-")[:2]][:3]
         hint = f"; did you mean {', '.join(close)}?" if close else "; `dyhead list` shows them"
@@ -288,5 +307,5 @@ def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None 
         if profile_name in over.get("profile_clip_grad_norm", {}):
             solver["clip_grad_norm"] = over["profile_clip_grad_norm"][profile_name]
         profile = {**profile, "solver": solver}
-    return RunConfig(exp_id, profile_name, spec, profile)
+    return RunConfig(exp_id, profile_name, spec, profile, tuple(matrix.tables_of(exp_id)))
 

@@ -69,18 +69,12 @@ def _foreach(ids: list[str], matrix: Matrix, stage: dict) -> dict:
     return {"foreach": items, "do": stage}
 
 
-def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
-    root = repo_root()
-    matrix, profile = load_matrix(root, profile_name), load_profile(profile_name, root)
-    tables = tables or sorted(matrix.tables)
-    ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
-    flops_tables = [t for t in tables if matrix.tables[t].get("flops")]  # as the report rule asks for
-    flops_ids = list(dict.fromkeys(e for t in flops_tables for e in matrix.table_experiments(t)))
-    tta_ids = list(dict.fromkeys(r["experiment"] for t in tables for r in matrix.tables[t]["rows"] if r.get("tta")))
+def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> tuple[dict, list[str]]:
+    """Data, backbone start weights and the extension: the stages every training depends on, and the
+    files that prove the data is in place."""
     data, threads = profile["data"], profile["runtime"]["threads"]
-    runs, pfile = f"runs/{profile_name}", f"params/profiles/{profile_name}.yaml"
+    pfile = f"params/profiles/{profile_name}.yaml"
     stages: dict = {}
-
     if data["source"] == "synthetic":
         stages["synth"] = {"cmd": f"dyhead synth --profile {profile_name}", "deps": ["dyhead/data"],
                            "params": [{pfile: ["data"]}], "outs": [data["root"]]}
@@ -92,7 +86,6 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
                                 "outs": [{p: Inline(cache=False, persist=True)}
                                          for p in annotations + [f"{data['root']}/fetch.json"]]}
         data_deps = [f"{data['root']}/fetch.json"]
-    weights = _weights(matrix, profile_name, profile, ids)
     pretrained = sorted(b for b in weights if profile["model"]["backbones"][b]["weights"] == PRETRAINED)
     if pretrained:  # the ImageNet stand-in, from the training split's object crops
         stages["pretrain"] = {"foreach": pretrained, "do": {
@@ -113,10 +106,22 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
     stages["build_ext"] = {"cmd": f"dyhead build-ext --build-dir build/ext --cuda {cuda} --allow-fallback",
                            "deps": ["dyhead/csrc", "dyhead/ops"],
                            "outs": [{"build/ext/manifest.json": UNCACHED}]}
+    return stages, data_deps
+
+
+def experiment_stages(profile_name: str, profile: dict, matrix: Matrix, tables: list[str], data_deps: list[str],
+                      weights: dict[str, str]) -> dict:
+    """train / evaluate / evaluate_tta / flops per experiment (foreach over the ids of `tables`)."""
+    ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
+    flops_ids = list(dict.fromkeys(e for t in tables if matrix.tables[t].get("flops") for e in matrix.table_experiments(t)))
+    tta_ids = list(dict.fromkeys(r["experiment"] for t in tables for r in matrix.tables[t]["rows"] if r.get("tta")))
+    threads, runs = profile["runtime"]["threads"], f"runs/{profile_name}"
+    pfile = f"params/profiles/{profile_name}.yaml"
 
     def exp_params(stage: str) -> list[dict]:
         return [{"params/experiments.yaml": ["experiments.${key}"]}, {pfile: experiment_param_keys(profile, stage)}]
 
+    stages: dict = {}
     train_deps = data_deps + ["build/ext/manifest.json"] + CODE
     stages["train"] = _foreach(ids, matrix, {
         "cmd": f"dyhead train ${{key}} --profile {profile_name} --threads {threads}",
@@ -137,24 +142,39 @@ def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
             "metrics": [{f"{runs}/${{key}}/metrics_tta.json": UNCACHED}]})
     flops_params = exp_params("flops")
     if profile_name != "coco":  # the flops command also counts the coco-profile model at 800x1344
-        flops_params.append({"params/profiles/coco.yaml": experiment_param_keys(load_profile("coco", root), "flops")})
+        flops_params.append({"params/profiles/coco.yaml": experiment_param_keys(load_profile("coco"), "flops")})
     if flops_ids:
         stages["flops"] = _foreach(flops_ids, matrix, {
             "cmd": f"dyhead flops ${{key}} --profile {profile_name}",
             "deps": ["dyhead/modeling", "dyhead/ops", "dyhead/engine/flops.py"], "params": flops_params,
             "metrics": [{f"{runs}/${{key}}/flops.json": UNCACHED}]})
+    return stages
 
-    for table in tables:
-        spec = matrix.tables[table]
-        exps = matrix.table_experiments(table)
-        deps = [f"{runs}/{e}/metrics.json" for e in exps] + [f"{runs}/{e}/train.json" for e in exps]
-        if spec.get("flops"):
-            deps += [f"{runs}/{e}/flops.json" for e in exps]
-        deps += [f"{runs}/{r['experiment']}/metrics_tta.json" for r in spec["rows"] if r.get("tta")]
-        stages[f"report-{table}"] = {
-            "cmd": f"dyhead report {table} --profile {profile_name} --out reports/{table}.md",
-            "deps": deps + ["dyhead/report"], "params": [{"params/tables.yaml": [table]}, {pfile: None}],
+
+def report_stage(table: str, profile_name: str, matrix: Matrix) -> dict:
+    """report-<table>: DVC cannot template dependency lists, so one stage per table."""
+    spec, runs = matrix.tables[table], f"runs/{profile_name}"
+    exps = matrix.table_experiments(table)
+    deps = [f"{runs}/{e}/metrics.json" for e in exps] + [f"{runs}/{e}/train.json" for e in exps]
+    if spec.get("flops"):
+        deps += [f"{runs}/{e}/flops.json" for e in exps]
+    deps += [f"{runs}/{r['experiment']}/metrics_tta.json" for r in spec["rows"] if r.get("tta")]
+    return {"cmd": f"dyhead report {table} --profile {profile_name} --out reports/{table}.md",
+            "deps": deps + ["dyhead/report"],
+            "params": [{"params/tables.yaml": [table]}, {f"params/profiles/{profile_name}.yaml": None}],
             "outs": [{f"reports/{table}.md": UNCACHED}]}
+
+
+def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
+    root = repo_root()
+    matrix, profile = load_matrix(root, profile_name), load_profile(profile_name, root)
+    tables = tables or sorted(matrix.tables)
+    ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
+    weights = _weights(matrix, profile_name, profile, ids)
+    stages, data_deps = input_stages(profile_name, profile, weights)
+    stages.update(experiment_stages(profile_name, profile, matrix, tables, data_deps, weights))
+    for table in tables:
+        stages[f"report-{table}"] = report_stage(table, profile_name, matrix)
     return {"stages": stages}
 
 

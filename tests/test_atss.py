@@ -7,7 +7,7 @@ from torchvision.models.detection._utils import BoxCoder
 
 from dyhead.modeling.backbone import BackboneConfig, BackboneWithFPN
 from dyhead.modeling.detectors.atss import ATSS, ATSSConfig, atss_assign, centerness_target, make_anchors
-from dyhead.modeling.dyhead import DyHeadConfig
+from dyhead.modeling.dyhead import DyHead, DyHeadConfig
 
 
 def iou(a, b):
@@ -118,8 +118,8 @@ def test_centerness_target():
 
 def tiny_model(blocks):
     bb = BackboneWithFPN(BackboneConfig(depths=(1, 1, 1, 1), base_width=8, norm="bn", freeze_at=0, fpn_channels=16))
-    dy = DyHeadConfig(blocks=blocks, channels=16, gn_groups=8) if blocks else None
-    return ATSS(bb, ATSSConfig(num_classes=3, tower_gn_groups=8), dy, 128)
+    dy = DyHead(DyHeadConfig(blocks=blocks, channels=16, gn_groups=8)) if blocks else None
+    return ATSS(bb, ATSSConfig(num_classes=3, tower_gn_groups=8), 128, dy)
 
 
 @pytest.mark.parametrize("blocks", [0, 2])

@@ -1,12 +1,11 @@
 """params/ loading: the real files validate; every bad key or value gives one line naming it."""
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from dyhead.config import canonical_id, load_matrix, load_profile, profile_names, resolve
 from dyhead.errors import DyheadError
+from tests.helpers import dyhead, snakemake
 
 
 def edit(path, fn):
@@ -78,8 +77,7 @@ def test_broken_yaml_names_file_and_line(repo_copy):
 
 
 def test_cli_prints_one_line_error(repo_copy):
-    proc = subprocess.run([sys.executable, "-m", "dyhead.cli", "train", "nope-r50-base-1x"],
-                          capture_output=True, text=True, cwd=repo_copy)
+    proc = dyhead("train", "nope-r50-base-1x", cwd=repo_copy, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("dyhead: error: unknown experiment 'nope-r50-base-1x'")
@@ -87,8 +85,7 @@ def test_cli_prints_one_line_error(repo_copy):
 
 def test_snakemake_fails_before_any_job_on_a_bad_key(repo_copy):
     edit(repo_copy / "params/profiles/mini.yaml", lambda d: d["model"].update(fpn_chanels=64))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "reports/table2.md"],
-                          capture_output=True, text=True, cwd=repo_copy)
+    proc = snakemake("-n", "--cores", "1", "reports/table2.md", cwd=repo_copy, check=False)
     assert proc.returncode != 0
     assert "fpn_chanels" in proc.stderr + proc.stdout
     assert "rule train" not in proc.stdout

@@ -493,9 +493,9 @@ def test_build_without_compiler_is_one_line_error(monkeypatch, tmp_path, capsys)
     with pytest.raises(DyheadError, match="no C\\+\\+ compiler") as err:
         build.build_extension(tmp_path)
     assert "\n" not in str(err.value)
-    assert build.main(["--build-dir", str(tmp_path)]) == 1
+    assert build.main(["--build-dir", str(tmp_path)]) == 2
     err_out = capsys.readouterr().err.strip()
-    assert err_out.startswith("error:") and len(err_out.splitlines()) == 1
+    assert err_out.startswith("dyhead: error:") and len(err_out.splitlines()) == 1
     assert not (tmp_path / "manifest.json").exists()
 
 

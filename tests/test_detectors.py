@@ -14,19 +14,21 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 from dyhead.config import canonical_id, load_matrix, resolve
 from dyhead.errors import DyheadError
-from dyhead.engine.evaluate import coco_metrics, to_coco_results
+from dyhead.engine.evaluate import coco_metrics
+from dyhead.engine.inference import to_coco_results
 from dyhead.engine.flops import count_gmacs
 from dyhead.modeling import build
 from dyhead.modeling.backbone import BackboneConfig, BackboneWithFPN
 from dyhead.modeling.detectors import retinanet as rn_mod
 from dyhead.modeling.detectors.faster_rcnn import FasterRCNN, FasterRCNNConfig, RoITaskAttention
-from dyhead.modeling.detectors.fcos import FCOS, FCOSConfig, fcos_assign, make_points, size_ranges
+from dyhead.modeling.detectors.common import make_points
+from dyhead.modeling.detectors.fcos import FCOS, FCOSConfig, fcos_assign, size_ranges
 from dyhead.modeling.detectors.reppoints import (
     BACKGROUND, IGNORE, RepPoints, RepPointsConfig, RepPointsHead, max_iou_assign, point_assign, points_to_boxes,
 )
 from dyhead.modeling.detectors.retinanet import RetinaNet, RetinaNetConfig, make_anchors, match_anchors
-from dyhead.modeling.dyhead import DyHeadConfig
-from tests.conftest import REPO
+from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+from tests.helpers import REPO
 
 K = 3  # classes in the tiny models
 LOG2 = math.log(2.0)
@@ -37,21 +39,24 @@ def tiny_backbone(levels=(3, 4, 5, 6, 7)):
                                           fpn_channels=16, levels=levels))
 
 
-def tiny_dyhead(blocks):
-    return DyHeadConfig(blocks=blocks, channels=16, gn_groups=8) if blocks else None
+def tiny_dyhead(blocks, **switches):
+    return DyHead(DyHeadConfig(blocks=blocks, channels=16, gn_groups=8, **switches)) if blocks else None
 
 
 def tiny_model(name, blocks=0):
-    dy = tiny_dyhead(blocks)
-    if name.startswith("retinanet"):
-        placement = name.split("-")[1] if "-" in name else "paper"
-        return RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K, placement=placement), dy, 128)
-    if name == "fcos":
-        return FCOS(tiny_backbone(), FCOSConfig(num_classes=K, tower_gn_groups=8), dy, 128)
-    if name == "reppoints":
-        return RepPoints(tiny_backbone(), RepPointsConfig(num_classes=K, tower_gn_groups=8), dy, 128)
+    """The detector with `blocks` DyHead blocks, assembled as dyhead.modeling.build does (backbone first)."""
     placement = name.split("-")[1] if "-" in name else "paper"
-    return FasterRCNN(tiny_backbone((2, 3, 4, 5, 6)), FasterRCNNConfig(num_classes=K, placement=placement), dy, 128)
+    if name.startswith("retinanet"):
+        return RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K, placement=placement), 128, tiny_dyhead(blocks))
+    if name == "fcos":
+        return FCOS(tiny_backbone(), FCOSConfig(num_classes=K, tower_gn_groups=8), 128, tiny_dyhead(blocks))
+    if name == "reppoints":
+        return RepPoints(tiny_backbone(), RepPointsConfig(num_classes=K, tower_gn_groups=8), 128,
+                         dyhead=tiny_dyhead(blocks))
+    # Fig. 2c: the blocks before the RoI pooling without task attention, pi_C on the RoIs
+    switches = {"task": False} if placement == "paper" else {}
+    return FasterRCNN(tiny_backbone((2, 3, 4, 5, 6)), FasterRCNNConfig(num_classes=K, placement=placement), 128,
+                      tiny_dyhead(blocks, **switches))
 
 
 def zeros_like_outputs(model, hw=(128, 128)):
@@ -143,7 +148,7 @@ def test_retinanet_anchors_nine_per_location():
 
 
 def test_retinanet_matcher_thresholds():
-    matcher = RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K), None, 128).matcher
+    matcher = RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K), 128).matcher
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     anchors = torch.tensor([
         [0.0, 0.0, 10.0, 6.0],    # IoU 0.6  -> positive
@@ -163,7 +168,7 @@ def test_retinanet_losses_are_normalised_by_the_positives_of_the_whole_batch(mon
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0], [60.0, 60.0, 120.0, 110.0], [0.0, 70.0, 30.0, 128.0]]),
                 "labels": torch.tensor([0, 2, 2])}]
-    anchors = torch.cat(model._anchors(outputs, torch.zeros(2, 3, 128, 128)))
+    anchors = torch.cat(model.grids(outputs, torch.zeros(2, 3, 128, 128)))
     coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
     pos, neg, l1 = 0, 0, 0.0
     for t in targets:
@@ -238,8 +243,7 @@ def test_init_points_feed_the_dcn_with_a_tenth_of_the_gradient():
     grads = []
     for mul in (0.1, 1.0):
         torch.manual_seed(0)
-        head = RepPointsHead(16, RepPointsConfig(num_classes=K, tower_gn_groups=8, gradient_mul=mul), None,
-                             "torchvision")
+        head = RepPointsHead(16, RepPointsConfig(num_classes=K, tower_gn_groups=8, gradient_mul=mul), "torchvision")
         logits, _, _ = head([torch.randn(1, 16, 8, 8)])
         logits[0].sum().backward()  # reaches the init points only through the DCN offsets
         grads.append(head.pts_init_out.weight.grad.clone())
@@ -293,7 +297,7 @@ def test_retinanet_placements():
     assert len(paper.head.dyhead.blocks) == 2 and convs(paper.head.cls_tower) == convs(paper.head.reg_tower) == 0
     assert len(official.head.dyhead.blocks) == 2 and convs(official.head.cls_tower) == convs(official.head.reg_tower) == 4
     with pytest.raises(ValueError, match="placement: unknown value 'before'"):
-        RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K, placement="before"), tiny_dyhead(1), 128)
+        RetinaNet(tiny_backbone(), RetinaNetConfig(num_classes=K, placement="before"), 128, tiny_dyhead(1))
 
 
 # --------------------------------------------------------------------------------------- forward passes
@@ -359,7 +363,7 @@ def hand_outputs_retinanet(model):
     logits, deltas = zeros_like_outputs(model)
     for m in logits:
         m.fill_(-10.0)
-    anchors = torch.cat(model._anchors((logits,), torch.zeros(1)))
+    anchors = torch.cat(model.grids((logits,), torch.zeros(1)))
     a = model.cfg.num_anchors
     for (lab, _), box in zip(GT, gt_xyxy()):
         best = int(torch.argmax(rn_mod.box_iou(box[None], anchors)))
@@ -455,7 +459,7 @@ def test_flops_of_faster_rcnn_cover_1000_rois():
 
 # --------------------------------------------------------------------------------------- registry, params
 def test_registry_matches_the_schema_and_builds_every_table3_experiment():
-    schema = yaml.safe_load((REPO / "workflow/schemas/experiments.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "dyhead/schemas/experiments.schema.yaml").read_text())
     enum = schema["properties"]["experiments"]["additionalProperties"]["properties"]["detector"]["enum"]
     assert set(build.DETECTORS) == set(enum)
     matrix = load_matrix(REPO)

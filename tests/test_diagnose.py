@@ -5,7 +5,7 @@ import torch
 
 from dyhead.config import resolve
 from dyhead.engine.diagnose import diagnose, linear_probe, object_level
-from tests.test_pipeline import dyhead
+from tests.helpers import dyhead
 
 
 def test_linear_probe_reads_separable_classes_and_not_noise():

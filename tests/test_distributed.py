@@ -14,19 +14,9 @@ import yaml
 
 from dyhead.engine import distributed
 from dyhead.errors import DyheadError
+from tests.helpers import dry_run_jobs, dyhead
 
 EXP = "atss-r50-dyh1-LSC-1x"
-
-
-def dyhead(*args, cwd, nproc=1, env=None):
-    """`dyhead ARGS`, or the same under `torchrun --standalone --nproc_per_node N`."""
-    launch = [sys.executable, "-m", "dyhead.cli"]
-    if nproc > 1:
-        launch[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
-    proc = subprocess.run(launch + list(args), cwd=cwd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} (nproc {nproc}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def test_shards_are_disjoint_and_cover_every_index():
@@ -193,7 +183,7 @@ def test_slurm_dry_run_shows_8_gpu_jobs_each_running_one_torchrun(repo_copy):
                            "workflow/profiles/slurm", "-n", "--config", "profile=coco"],
                           cwd=repo_copy, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    jobs = _dry_run_jobs(proc.stdout + proc.stderr)
+    jobs = dry_run_jobs(proc.stdout + proc.stderr)
     trains = [j for j in jobs if j["rule"] == "train"]
     assert len(trains) == 9  # Table 1: eight rows and the second seed
     for job in trains:
@@ -226,21 +216,3 @@ class _Resources(dict):
 
     def __getattr__(self, name):
         return self.get(name)
-
-
-def _dry_run_jobs(text: str) -> list[dict]:
-    """The job blocks of `snakemake -n -p`: rule, input, wildcards, resources, shell command."""
-    jobs, job = [], None
-    for line in text.splitlines():
-        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
-            job = {"rule": line.split()[1].rstrip(":"), "input": "", "wildcards": "", "resources": {}, "shell": ""}
-            jobs.append(job)
-        elif job is not None and line.startswith("    input: "):
-            job["input"] = line.split(": ", 1)[1]
-        elif job is not None and line.startswith("    wildcards: "):
-            job["wildcards"] = line.split(": ", 1)[1]
-        elif job is not None and line.startswith("    resources: "):
-            job["resources"] = dict(kv.split("=", 1) for kv in line.split(": ", 1)[1].split(", "))
-        elif job is not None and line.startswith("Shell command: "):
-            job["shell"] = line.removeprefix("Shell command: ")
-    return jobs

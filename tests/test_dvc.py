@@ -3,7 +3,6 @@ tracked per experiment, and a real `dvc repro` / push / pull round trip in a fre
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,65 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_distributed import _dry_run_jobs
-
-
-def run(*cmd, cwd, check=True):
-    proc = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def dvc(*args, cwd, check=True):
-    return run(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check)
-
-
-def dyhead(*args, cwd):
-    return run(sys.executable, "-m", "dyhead.cli", *args, cwd=cwd)
-
-
-@pytest.fixture
-def dvc_repo(repo_copy):
-    """The scratch copy as a fresh git + DVC repository, with the package sources the stages depend on."""
-    shutil.copytree(REPO / "dyhead", repo_copy / "dyhead", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    shutil.copytree(REPO / ".dvc", repo_copy / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
-    shutil.copy(REPO / ".dvcignore", repo_copy / ".dvcignore")
-    run("git", "init", "-q", cwd=repo_copy)
-    return repo_copy
-
-
-def dvc_stages(root: Path) -> dict[str, str]:
-    """Stage name -> command, as DVC itself expands dvc.yaml (foreach included)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return {stage.addressing: stage.cmd for stage in repo.index.stages}
-
-
-def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str, str]:
-    """Job -> command of a full dry run, named as dvc.yaml names its stages; without `2>&1 | tee log`."""
-    # --cores: a dry run otherwise caps every job's threads at 1
-    proc = run(sys.executable, "-m", "snakemake", *targets, "-n", "-p", "-F", "--cores", "1024",
-               "--config", f"profile={profile}", cwd=root)
-    names = {}
-    for job in _dry_run_jobs(proc.stdout + proc.stderr):
-        if job["rule"] == "all":
-            continue
-        wildcards = dict(w.split("=", 1) for w in job["wildcards"].split(", ") if w)
-        if job["rule"] == "report":
-            name = f"report-{wildcards['table']}"
-        elif "exp" in wildcards:
-            name = f"{job['rule']}@{wildcards['exp']}"
-        elif job["rule"] == "fetch_weights":
-            name = f"fetch_weights@{wildcards['file']}"
-        elif job["rule"] == "pretrain":
-            name = f"pretrain@{wildcards['backbone']}"
-        else:
-            name = job["rule"]
-        names[name] = re.sub(r"\s+", " ", re.sub(r" 2>&1 \| tee \S+$", "", job["shell"])).strip()
-    return names
+from tests.helpers import REPO, dvc, dvc_stages, dyhead, snakemake_commands
 
 
 def test_dvc_yaml_is_what_params_give():

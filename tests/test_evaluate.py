@@ -5,7 +5,8 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from dyhead.engine.evaluate import coco_metrics, to_coco_results
+from dyhead.engine.evaluate import coco_metrics
+from dyhead.engine.inference import to_coco_results
 
 
 @pytest.fixture

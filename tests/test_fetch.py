@@ -11,7 +11,6 @@ import random
 import socket
 import threading
 import zipfile
-from pathlib import Path
 
 import pytest
 

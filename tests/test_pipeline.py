@@ -1,5 +1,4 @@
 """The pipeline as a user runs it: CLI steps on the tiny profile, kill and resume, bad inputs."""
-import os
 import shutil
 import signal
 import subprocess
@@ -11,16 +10,9 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import dyhead
 
 EXP = "atss-r50-dyh1-LSC-1x"
-
-
-def dyhead(*args, cwd, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "dyhead.cli", *args], cwd=cwd, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dyhead {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def set_profile(root: Path, name: str, **solver):

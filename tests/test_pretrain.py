@@ -1,7 +1,5 @@
 """`dyhead pretrain`: the ImageNet stand-in of synthetic profiles, and how trainings pick it up."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import yaml
 from dyhead.config import load_profile, resolve, weights_file
 from dyhead.errors import DyheadError
 from dyhead.modeling import build
-from tests.test_dvc import dvc_repo, dvc_stages, dyhead, snakemake_commands  # noqa: F401 (fixture)
+from tests.helpers import dvc_stages, dyhead, snakemake_commands
 
 
 def pretrained_tiny(root, backbones=("r50",)):
@@ -24,10 +22,8 @@ def pretrained_tiny(root, backbones=("r50",)):
 
 def test_pretrain_writes_weights_that_training_loads(repo_copy):
     pretrained_tiny(repo_copy)
-    subprocess.run([sys.executable, "-m", "dyhead.cli", "synth", "--profile", "tiny"], check=True, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "dyhead.cli", "pretrain", "--profile", "tiny"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    dyhead("synth", "--profile", "tiny", cwd=repo_copy)
+    proc = dyhead("pretrain", "--profile", "tiny", cwd=repo_copy)
     assert "[pretrain] it 20/20" in proc.stdout and "held-out crop accuracy" in proc.stdout
     weights = repo_copy / "data/weights/tiny/r50.pth"
     summary = json.loads((repo_copy / "data/weights/tiny/r50.json").read_text())
@@ -41,8 +37,7 @@ def test_pretrain_writes_weights_that_training_loads(repo_copy):
                            .backbone.body.conv1.weight)
     # the same settings give the same file (seeded, CPU)
     first = weights.read_bytes()
-    subprocess.run([sys.executable, "-m", "dyhead.cli", "pretrain", "r50", "--profile", "tiny"], check=True,
-                   capture_output=True)
+    dyhead("pretrain", "r50", "--profile", "tiny", cwd=repo_copy)
     assert torch.equal(torch.load(weights, weights_only=True)["layer4.0.conv2.weight"], state["layer4.0.conv2.weight"])
     assert len(first) > 0
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from dyhead.config import load_matrix
-from dyhead.engine.checkpoint import save_json
+from dyhead.files import save_json
 from dyhead.report.tables import render_table
 
 PAPER = Path("/work/shared/paper/tables.yaml")

@@ -1,6 +1,7 @@
 """MLflow tracking against a real SQLite store: one run per experiment and profile, resume, many
 writers at once, optional when MLflow is missing or unreachable, and the runs in `mlflow ui`."""
 import json
+from dataclasses import replace
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import yaml
 from dyhead.config import resolve
 from dyhead.engine import tracking
 from dyhead.engine.tracking import NullTracker, Tracker, flat_params
+from tests.helpers import dyhead, snakemake
 
 EXP = "atss-r50-dyh1-LSC-1x"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,20 +55,13 @@ def set_profile(root: Path, name: str, **solver) -> None:
     (root / f"params/profiles/{name}.yaml").write_text(yaml.safe_dump(prof))
 
 
-def dyhead(*args, cwd, check=True, **kw):
-    proc = subprocess.run([sys.executable, "-m", "dyhead.cli", *args], cwd=cwd, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dyhead {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def test_flat_params():
     assert flat_params({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "None"}
 
 
 def test_one_run_per_experiment_and_profile(store):
     run = resolve(EXP, "tiny", store)
-    t = Tracker.for_run(run, stage="train", digest="d1", tags={"dcn_backend": "torchvision"})
+    t = Tracker.for_run(run, stage="train", tags={"dcn_backend": "torchvision"})
     t.log_params(flat_params(run.to_dict()))
     for step in (1, 2, 3):
         t.log_metrics({"loss": 3.0 - step, "lr": 0.01 * step}, step)
@@ -84,7 +79,7 @@ def test_one_run_per_experiment_and_profile(store):
     assert art.exists(), "artifacts go to <repo>/mlartifacts, not the cwd's mlruns/"
 
     # a resume continues the run, skipping the steps it had logged before the kill
-    resumed = Tracker.for_run(run, stage="train", digest="d1", resumed=True)
+    resumed = Tracker.for_run(run, stage="train", resumed=True)
     assert resumed.run_id == t.run_id
     resumed.log_params(flat_params(run.to_dict()))  # already there: no error, nothing changed
     for step in (3, 4):
@@ -94,13 +89,13 @@ def test_one_run_per_experiment_and_profile(store):
     assert [m.step for m in client.get_metric_history(t.run_id, "loss")] == [1, 2, 3, 4]
 
     # evaluation logs into the same run
-    ev = Tracker.for_run(run, stage="evaluate", digest="d1")
+    ev = Tracker.for_run(run, stage="evaluate")
     ev.log_metrics({"AP": 12.5}, step=4)
     ev.finish()
     assert ev.run_id == t.run_id and client.get_run(t.run_id).data.metrics["AP"] == 12.5
 
     # training again from scratch: a new run; the old one goes to the trash, so one stays active
-    again = Tracker.for_run(run, stage="train", digest="d2")
+    again = Tracker.for_run(replace(run, spec={**run.spec, "seed": 5}), stage="train")  # other settings
     again.finish()
     assert [r.info.run_id for r in active_runs(store, "tiny")] == [again.run_id]
     assert client.get_run(t.run_id).info.lifecycle_stage == "deleted"
@@ -109,19 +104,19 @@ def test_one_run_per_experiment_and_profile(store):
 def test_flops_logged_before_training_stay_with_the_run(store):
     """Snakemake may count FLOPs before the training starts: the training adopts that run."""
     run = resolve(EXP, "tiny", store)
-    tracking.log_run_outputs(run, "flops", "d1", [], {"gmacs_coco": 170.0}, 0)
+    tracking.log_run_outputs(run, "flops", [], {"gmacs_coco": 170.0}, 0)
     (made,) = active_runs(store, "tiny")
     assert made.info.status == "FINISHED"
-    t = Tracker.for_run(run, stage="train", digest="d1")
+    t = Tracker.for_run(run, stage="train")
     # FLOPs counted while the training runs land in its run and leave it RUNNING
-    tracking.log_run_outputs(run, "flops", "d1", [], {"gmacs_tiny": 0.5}, 0)
+    tracking.log_run_outputs(run, "flops", [], {"gmacs_tiny": 0.5}, 0)
     (only,) = active_runs(store, "tiny")
     assert only.info.run_id == t.run_id == made.info.run_id and only.info.status == "RUNNING"
     t.finish()
     (only,) = active_runs(store, "tiny")
     assert only.data.metrics["gmacs_coco"] == 170.0 and only.data.metrics["gmacs_tiny"] == 0.5
     assert only.info.status == "FINISHED"
-    again = Tracker.for_run(run, stage="train", digest="d1")  # a fresh training after that: a new run
+    again = Tracker.for_run(run, stage="train")  # a fresh training after that: a new run
     again.finish()
     assert [r.info.run_id for r in active_runs(store, "tiny")] == [again.run_id] != [t.run_id]
 
@@ -132,7 +127,7 @@ def test_tracking_is_optional(store, monkeypatch, capsys):
         for name in ("mlflow", "mlflow.tracking"):  # as if not installed
             m.setitem(sys.modules, name, None)
         for _ in range(2):
-            assert isinstance(Tracker.for_run(run, stage="train", digest="d"), NullTracker)
+            assert isinstance(Tracker.for_run(run, stage="train"), NullTracker)
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "mlflow is not installed" in err  # warned once
 
@@ -142,13 +137,13 @@ def test_tracking_is_optional(store, monkeypatch, capsys):
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     t0 = time.monotonic()
-    t = Tracker.for_run(run, stage="train", digest="d")
+    t = Tracker.for_run(run, stage="train")
     assert isinstance(t, NullTracker) and time.monotonic() - t0 < 90
     assert "not usable" in capsys.readouterr().err
     t.log_metrics({"loss": 1.0}, 1)  # and every later call is a no-op
 
     monkeypatch.setenv("DYHEAD_TRACKING", "off")
-    assert isinstance(Tracker.for_run(run, stage="train", digest="d"), NullTracker)
+    assert isinstance(Tracker.for_run(run, stage="train"), NullTracker)
 
 
 _WRITER = """
@@ -156,7 +151,7 @@ import sys
 from dyhead.config import resolve
 from dyhead.engine.tracking import Tracker
 run = resolve(sys.argv[1], "tiny")
-t = Tracker.for_run(run, stage="train", digest="d")
+t = Tracker.for_run(run, stage="train")
 assert t.run_id, "no run"
 for step in range(1, int(sys.argv[2]) + 1):
     t.log_metrics({"loss": 1.0 / step, "lr": 0.01, "loss_cls": 0.5, "loss_box": 0.25}, step)
@@ -262,7 +257,7 @@ def test_mlflow_ui_shows_the_runs(store, tmp_path):
     rendered by headless Chromium, list every run by its experiment id."""
     ids = ["atss-r50-base-1x", "atss-r50-dyh1-LSC-1x", "atss-r50-dyh2-LSC-1x"]
     for exp in ids:
-        t = Tracker.for_run(resolve(exp, "tiny", store), stage="train", digest="d")
+        t = Tracker.for_run(resolve(exp, "tiny", store), stage="train")
         t.log_metrics({"loss": 1.0}, 1)
         t.finish()
     port = _free_port()
@@ -302,9 +297,7 @@ def test_mlflow_ui_shows_the_runs(store, tmp_path):
 def test_pipeline_run_lands_in_mlflow(store):
     """A tiny Snakemake run of Table 2 (jobs in parallel): one run per experiment with params, the
     loss history, the AP metrics and the metrics/training JSON as artifacts."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "reports/table2.md", "--cores", "2",
-                           "--config", "profile=tiny"], cwd=store, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    snakemake("reports/table2.md", "--cores", "2", "--config", "profile=tiny", cwd=store)
     client = client_for(store)
     runs = active_runs(store, "tiny")
     expected = {"atss-r50-base-1x", "atss-r50-dyh1-LSC-1x", "atss-r50-dyh2-LSC-1x", "atss-r50-dyh4-LSC-1x",

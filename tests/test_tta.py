@@ -1,13 +1,12 @@
 """Test-time augmentation: views mapped back to the original image, per-scale size ranges, class-wise merge."""
 import json
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import torch
 import yaml
 
+from tests.helpers import dyhead
 from dyhead.engine.tta import TTAConfig, in_size_range, merge, predict_tta, to_original
 
 H, W = 60, 100
@@ -115,12 +114,6 @@ def test_size_ranges_must_match_the_scales():
         config(size_ranges=((0, 1), (0, 1)))
 
 
-def dyhead(*args, cwd):
-    proc = subprocess.run([sys.executable, "-m", "dyhead.cli", *args], cwd=cwd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"dyhead {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.mark.slow
 def test_cli_tta_and_testdev_on_tiny(repo_copy):
     """Train the Table 5 experiment on the tiny profile, evaluate with --tta, write a test-dev upload zip."""
@@ -136,10 +129,7 @@ def test_cli_tta_and_testdev_on_tiny(repo_copy):
     # two ranks (gloo) share the batches; rank 0's merge equals the single process's predictions
     single = (run / "predictions_tta.json").read_text()
     (run / "predictions_tta.json").unlink()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dyhead.cli",
-                           "evaluate", exp, "--profile", "tiny", "--tta", "--dcn-backend", "torchvision"],
-                          cwd=repo_copy, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dyhead("evaluate", exp, "--profile", "tiny", "--tta", "--dcn-backend", "torchvision", cwd=repo_copy, nproc=2)
     assert (run / "predictions_tta.json").read_text() == single
 
     # test-dev: an image_info file (images + categories, no annotations), as the COCO site ships it

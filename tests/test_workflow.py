@@ -1,24 +1,18 @@
 """A real Snakemake run of the tiny profile, end to end, twice: the tables must come out identical."""
 import shutil
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers import snakemake
+
 TARGETS = ["reports/table1.md", "reports/table2.md"]
-
-
-def snakemake(cwd, *args):
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args, "--config", "profile=tiny"],
-                          cwd=cwd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+TINY = ["--cores", "2", *TARGETS, "--config", "profile=tiny"]
 
 
 @pytest.mark.slow
 def test_tiny_profile_end_to_end_is_deterministic(repo_copy, monkeypatch):
     monkeypatch.delenv("DYHEAD_EXT_DIR", raising=False)
-    snakemake(repo_copy, *TARGETS)
+    snakemake(*TINY, cwd=repo_copy)
     first = {t: (repo_copy / t).read_text() for t in TARGETS}
     assert (repo_copy / "build/ext/manifest.json").exists()
     for t, text in first.items():
@@ -28,13 +22,12 @@ def test_tiny_profile_end_to_end_is_deterministic(repo_copy, monkeypatch):
     assert "| 0 | 214.73 | 254.39 |" in first["reports/table2.md"]
 
     # nothing left to do
-    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", *TARGETS, "--config", "profile=tiny"],
-                         cwd=repo_copy, capture_output=True, text=True)
+    dry = snakemake("-n", *TINY, cwd=repo_copy)
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
     shutil.rmtree(repo_copy / "runs")
     for t in TARGETS:
         (repo_copy / t).unlink()
-    snakemake(repo_copy, *TARGETS)
+    snakemake(*TINY, cwd=repo_copy)
     for t in TARGETS:
         assert (repo_copy / t).read_text() == first[t], f"{t} differs between two identical runs"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dyhead.data.fetch import Remote, extract_zip, fetch_file, verify
-from dyhead.engine.checkpoint import save_json
+from dyhead.files import save_json
 from dyhead.errors import DyheadError
 
 COCO_BASE = "http://images.cocodataset.org"

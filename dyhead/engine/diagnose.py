@@ -27,9 +27,10 @@ from torch import Tensor
 
 from dyhead.config import RunConfig
 from dyhead.data.coco import collate
-from dyhead.engine.checkpoint import load_checkpoint, save_json
-from dyhead.engine.train import to_device, make_dataset, setup_runtime
+from dyhead.engine import runtime
+from dyhead.engine.inference import final_weights, load_final
 from dyhead.errors import DyheadError
+from dyhead.files import save_json
 from dyhead.modeling.build import build_detector
 
 
@@ -90,16 +91,16 @@ def linear_probe(x: Tensor, y: Tensor, num_classes: int, seed: int = 0) -> float
 
 def diagnose(run: RunConfig, *, init: bool = False, images: int = 256, batch_size: int = 8, threads: int | None = None,
              backend: str | None = None, log=print) -> dict:
-    device, backend = setup_runtime(run, threads, backend)
-    dataset = make_dataset(run, train=True)
+    rt = runtime.start(run, threads, backend, log)
+    device = rt.device
+    dataset = runtime.make_dataset(run, train=True)
     torch.manual_seed(run.seed)
-    model = build_detector(run, len(dataset.category_ids), backend, load_weights=init).to(device)
+    model = build_detector(run, len(dataset.category_ids), rt.backend, load_weights=init).to(device)
     source = "initialisation (backbone from its start weights)" if init else str(run.run_dir / "model_final.pth")
     if not init:
-        weights = run.run_dir / "model_final.pth"
-        if not weights.exists():
-            raise DyheadError(f"{weights}: not found; train {run.experiment} first, or pass --init")
-        model.load_state_dict(load_checkpoint(weights)["model"])
+        if not final_weights(run).exists():
+            raise DyheadError(f"{final_weights(run)}: not found; train {run.experiment} first, or pass --init")
+        model.load_state_dict(load_final(run)["model"])
     model.train()  # the losses need training mode; BatchNorm then sees the batch, as in training
     strides = list(model.backbone.strides)
 
@@ -127,7 +128,7 @@ def diagnose(run: RunConfig, *, init: bool = False, images: int = 256, batch_siz
     try:
         for start in range(0, n, batch_size):
             imgs, targets = collate([dataset[i] for i in range(start, start + batch_size)])
-            imgs, targets = to_device(imgs, targets, device)
+            imgs, targets = runtime.to_device(imgs, targets, device)
             stages.clear()
             losses = model(imgs, targets)
             names = list(stages)

@@ -1,41 +1,27 @@
-"""Inference on the validation set, COCO-format predictions, and pycocotools' COCOeval metrics."""
+"""`dyhead evaluate`: predictions on the validation set and pycocotools' COCOeval metrics, plain or with TTA.
+
+    evaluate(run)            -> predictions.json, metrics.json
+    evaluate(run, tta=True)  -> predictions_tta.json, metrics_tta.json (the profile's `tta` views)
+"""
 from __future__ import annotations
 
 import contextlib
 import io
 import time
+from dataclasses import asdict
 
-import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from dyhead.config import RunConfig
-from dyhead.data.coco import collate
 from dyhead.data.synthetic import area_ranges
-from dyhead.engine import distributed
-from dyhead.engine.checkpoint import load_checkpoint, save_json
+from dyhead.engine import runtime
+from dyhead.engine.inference import load_trained, predict_sharded
 from dyhead.engine.tracking import log_run_outputs
-from dyhead.engine.train import to_device, make_dataset, settings_digest, setup_runtime
-from dyhead.errors import DyheadError
-from dyhead.modeling.build import build_detector
+from dyhead.engine.tta import predict_tta, tta_config
+from dyhead.files import save_json
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def to_coco_results(output: dict, target: dict, label_to_category) -> list[dict]:
-    """One image's detections, mapped back to original-image pixels, as COCO result entries."""
-    boxes = output["boxes"].detach().cpu().double()
-    sx, sy = target.get("scale_xy", (target.get("scale", 1.0),) * 2)
-    boxes[:, 0::2] /= sx
-    boxes[:, 1::2] /= sy
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores = output["scores"].detach().cpu().tolist()
-    labels = output["labels"].detach().cpu().tolist()
-    return [
-        {"image_id": int(target["image_id"]), "category_id": int(label_to_category(lab)),
-         "bbox": [round(v, 3) for v in box], "score": round(float(s), 5)}
-        for box, s, lab in zip(xywh, scores, labels)
-    ]
 
 
 def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
@@ -61,56 +47,45 @@ def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None
     return {k: round(100.0 * float(v), 2) if v >= 0 else None for k, v in zip(METRICS, ev.stats[:6])}
 
 
-@torch.no_grad()
-def predict(model, dataset, batch_size: int, device, log=print, tag: str = "",
-            batches: list[list[int]] | None = None) -> list[dict]:
-    """Detections for the whole dataset in order, or for `batches` (index lists: a rank's shard)."""
-    model.eval()
-    if batches is None:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
-    results, t0, n = [], time.perf_counter(), len(loader)
-    for i, (images, targets) in enumerate(loader, 1):
-        images, _ = to_device(images, [], device)
-        for out, tgt in zip(model(images), targets):
-            results.extend(to_coco_results(out, tgt, dataset.label_to_category))
-        if i % 20 == 0 or i == n:
-            log(f"[{tag}] eval {i}/{n} batches, {(time.perf_counter() - t0) / i:.2f}s/batch")
-    return results
+def profile_area_ranges(run: RunConfig) -> dict | None:
+    """The synthetic set's object-size limits, scaled to its image size; None (COCO's own) for real data."""
+    data = run.profile["data"]
+    return area_ranges(data["synthetic"]["image_size"]) if data["source"] == "synthetic" else None
 
 
-def evaluate(run: RunConfig, *, threads: int | None = None, backend: str | None = None, log=print) -> dict:
-    out = run.run_dir
-    weights = out / "model_final.pth"
-    ckpt = load_checkpoint(weights)
-    device, backend = setup_runtime(run, threads, backend)
-    ctx = distributed.init(device)  # under torchrun: each rank predicts a shard, rank 0 scores
-    device, log = ctx.device, (log if ctx.is_main else lambda *args, **kwargs: None)
-    dataset = make_dataset(run, train=False)
-    if ckpt.get("category_ids") != dataset.category_ids:
-        raise DyheadError(f"{weights}: trained on categories {ckpt.get('category_ids')}, "
-                          f"{run.profile['data']['val_annotations']} has {dataset.category_ids}")
-    model = build_detector(run, len(dataset.category_ids), backend, load_weights=False).to(device)
-    model.load_state_dict(ckpt["model"])
+def evaluate(run: RunConfig, *, tta: bool = False, threads: int | None = None, backend: str | None = None,
+             log=print) -> dict:
+    """Predict the validation split with the trained model and score it; writes beside the weights."""
+    cfg = tta_config(run.profile, run.profile_name) if tta else None
+    rt = runtime.start(run, threads, backend, log)  # under torchrun: each rank predicts a shard, rank 0 scores
+    dataset = runtime.make_dataset(run, train=False, transforms=not tta)  # TTA resizes the originals itself
+    annotations = run.profile["data"]["val_annotations"]
+    model = load_trained(run, dataset.category_ids, rt.device, rt.backend, annotations)
+    batch = run.profile["eval"]["batch_size"]
+    forward = None
+    if cfg is not None:
+        rt.log(f"[{run.experiment}] tta: {len(list(cfg.views()))} views per image (scales {list(cfg.scales)}, "
+               f"flip {cfg.flip}, size ranges {'on' if cfg.size_ranges else 'off'})")
+        batch = cfg.batch_size or batch
+        forward = lambda images: predict_tta(model, images, cfg)  # noqa: E731
     t0 = time.perf_counter()
-    batches = distributed.shard_batches(len(dataset), run.profile["eval"]["batch_size"], ctx)
-    results = predict(model, dataset, run.profile["eval"]["batch_size"], device, log, run.experiment, batches)
-    results = distributed.gather_predictions(results, [dataset.image_ids[i] for b in batches for i in b],
-                                             dataset.image_ids, ctx)
-    if not ctx.is_main:  # rank 0 has every image's detections now
+    results = predict_sharded(model, dataset, batch, rt.ctx, rt.log, run.experiment, forward)
+    if not rt.ctx.is_main:  # rank 0 has every image's detections now
         return {}
     seconds = time.perf_counter() - t0
-    save_json(out / "predictions.json", results)
-    synth = run.profile["data"].get("synthetic") if run.profile["data"]["source"] == "synthetic" else None
-    ranges = area_ranges(synth["image_size"]) if synth else None
+    suffix = "_tta" if tta else ""
+    out = run.run_dir
+    save_json(out / f"predictions{suffix}.json", results)
+    ranges = profile_area_ranges(run)
     metrics = coco_metrics(dataset.coco, results, dataset.image_ids, ranges)
     record = {"experiment": run.experiment, "profile": run.profile_name, "split": "val", "area_ranges": ranges,
-              "annotations": run.profile["data"]["val_annotations"], "images": len(dataset),
-              "detections": len(results), "eval_seconds": round(seconds, 1), "dcn_backend": backend,
-              "world_size": ctx.world_size, "metrics": metrics}
-    save_json(out / "metrics.json", record)
-    log_run_outputs(run, "evaluate", settings_digest(run), [out / "metrics.json"], metrics, run.max_iter)
-    log(f"[{run.experiment}] " + " ".join(f"{k} {v}" for k, v in metrics.items()))
+              "annotations": annotations, "images": len(dataset), "detections": len(results),
+              "eval_seconds": round(seconds, 1), "dcn_backend": rt.backend, "world_size": rt.ctx.world_size,
+              "metrics": metrics}
+    if cfg is not None:
+        record["tta"] = asdict(cfg)
+    save_json(out / f"metrics{suffix}.json", record)
+    logged = {f"tta_{k}" if tta else k: v for k, v in metrics.items()}
+    log_run_outputs(run, f"evaluate{suffix}", [out / f"metrics{suffix}.json"], logged, run.max_iter)
+    rt.log(f"[{run.experiment}] {'tta ' if tta else ''}" + " ".join(f"{k} {v}" for k, v in metrics.items()))
     return record
-

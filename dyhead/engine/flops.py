@@ -8,10 +8,15 @@ and the mask product are ignored, as convention ignores the adds of bias and nor
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyhead.config import RunConfig
+from dyhead.config import RunConfig, resolve
+from dyhead.engine.tracking import log_run_outputs
+from dyhead.files import save_json
+from dyhead.modeling.build import build_detector
 
 # The paper counted an 800x1333 image padded to a multiple of 32 (P3-P7 = 100x168 ... 7x11).
 PAPER_INPUT = (800, 1344)
@@ -64,10 +69,33 @@ def count_gmacs(model: torch.nn.Module, input_hw: tuple[int, int]) -> dict:
 
 def count_run(run: RunConfig, input_hw: tuple[int, int], num_classes: int) -> dict:
     """Build the experiment's model on the meta device and count it."""
-    from dyhead.modeling.build import build_detector
-
     with torch.device("meta"):
         # The meta device runs no kernel, so the torchvision op's fake kernel stands for any backend.
         model = build_detector(run, num_classes, "torchvision", load_weights=False)
     model.eval()
     return count_gmacs(model, input_hw)
+
+
+def profile_input(run: RunConfig) -> tuple[int, int]:
+    """The profile's square test input, padded as its batches are (mini: 128x128)."""
+    size, div = run.profile["input"]["min_size_test"], run.profile["input"]["size_divisible"]
+    return ((size + div - 1) // div * div,) * 2
+
+
+def flops(run: RunConfig, out: Path | None = None, log=print) -> dict:
+    """`dyhead flops`: the coco-profile model at the paper's input and the profile's own model, to flops.json
+    and to the experiment's MLflow run (the one its training created)."""
+    log(f"[{run.experiment}] counting multiply-adds on the meta device (coco model at "
+        f"{PAPER_INPUT[0]}x{PAPER_INPUT[1]}, then the {run.profile_name} model)")
+    paper = count_run(resolve(run.experiment, "coco"), PAPER_INPUT, num_classes=80)
+    padded = profile_input(run)
+    classes = run.profile["data"].get("synthetic", {}).get("num_classes", 80)
+    own = count_run(run, padded, num_classes=classes)
+    record = {"experiment": run.experiment, "convention": "multiply-adds (GMACs), deformable convs counted",
+              "coco": paper, run.profile_name: own}
+    out = Path(out) if out else run.run_dir / "flops.json"
+    save_json(out, record)
+    log_run_outputs(run, "flops", [out], {"gmacs_coco": paper["gmacs"], f"gmacs_{run.profile_name}": own["gmacs"]}, 0)
+    log(f"[{run.experiment}] {paper['gmacs']:.2f} GMACs at {PAPER_INPUT[0]}x{PAPER_INPUT[1]} (coco profile); "
+        f"{own['gmacs']:.3f} GMACs at {padded[0]}x{padded[1]} ({run.profile_name}) -> {out}")
+    return record

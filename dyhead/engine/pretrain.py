@@ -23,11 +23,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from dyhead.config import repo_root
-from dyhead.engine.checkpoint import save_json, save_torch
+from dyhead.engine.runtime import set_threads
 from dyhead.errors import DyheadError
+from dyhead.files import save_json, save_torch
 from dyhead.modeling.backbone import ResNet
 from dyhead.modeling.build import backbone_config
-from dyhead.modeling.detectors.base import IMAGENET_MEAN, IMAGENET_STD
+from dyhead.modeling.detectors.common import IMAGENET_MEAN, IMAGENET_STD
 from dyhead.ops import resolve_backend
 
 HELD_OUT = 0.1  # fraction of the crops kept aside to report accuracy (from the training images)
@@ -110,7 +111,7 @@ def run_pretrain(profile_name: str, profile: dict, backbone: str, out: Path, *, 
         raise DyheadError(f"params/profiles/{profile_name}.yaml: no `pretrain` section (needed to pretrain {backbone!r})")
     if backbone not in profile["model"]["backbones"]:
         raise DyheadError(f"params/profiles/{profile_name}.yaml: model.backbones: no entry for {backbone!r}")
-    torch.set_num_threads(threads or profile["runtime"]["threads"])
+    set_threads(threads, profile["runtime"]["threads"])
     torch.manual_seed(profile["runtime"]["seed"])
     cfg, data = profile["pretrain"], profile["data"]
     root = repo_root()

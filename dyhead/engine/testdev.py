@@ -8,10 +8,8 @@ bbox [x, y, w, h], score}). The images are test2017/ listed by image_info_test-d
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -22,10 +20,11 @@ from PIL import Image
 
 from dyhead.config import RunConfig
 from dyhead.data.transforms import build_transforms
-from dyhead.engine import distributed
-from dyhead.engine.train import setup_runtime
-from dyhead.engine.tta import load_trained, predict_sharded, tta_config
+from dyhead.engine import runtime
+from dyhead.engine.inference import load_trained, predict_sharded
+from dyhead.engine.tta import predict_tta, tta_config
 from dyhead.errors import DyheadError
+from dyhead.files import atomic_write
 
 
 class ImageInfoDataset(torch.utils.data.Dataset):
@@ -81,16 +80,10 @@ def results_name(experiment: str, tta: bool) -> str:
 
 def write_results_zip(results: list[dict], path: Path, member: str) -> None:
     """The zip the server takes, written under a temporary name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+    def write(fh):
+        with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
             zf.writestr(member, json.dumps(results))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def predict_testdev(run: RunConfig, *, tta: bool = False, threads: int | None = None, backend: str | None = None,
@@ -99,21 +92,20 @@ def predict_testdev(run: RunConfig, *, tta: bool = False, threads: int | None = 
     if not data.get("test_annotations") or not data.get("test_images"):
         raise DyheadError(f"params/profiles/{run.profile_name}.yaml: data.test_images/test_annotations not set "
                           "(test-dev exists for the coco profile only)")
-    device, backend = setup_runtime(run, threads, backend)
-    ctx = distributed.init(device)  # under torchrun: each rank predicts a shard, rank 0 writes
-    log = log if ctx.is_main else (lambda *a, **k: None)
+    rt = runtime.start(run, threads, backend, log)  # under torchrun: each rank predicts a shard, rank 0 writes
     transforms = None if tta else build_transforms(False, inp["min_size_test"], inp["max_size"])
     dataset = ImageInfoDataset(data["test_images"], data["test_annotations"], transforms)
-    model = load_trained(run, dataset.category_ids, ctx.device, backend, data["test_annotations"])
+    model = load_trained(run, dataset.category_ids, rt.device, rt.backend, data["test_annotations"])
     cfg = tta_config(run.profile, run.profile_name) if tta else None
+    forward = (lambda images: predict_tta(model, images, cfg)) if cfg is not None else None
     t0 = time.perf_counter()
     batch = (cfg and cfg.batch_size) or run.profile["eval"]["batch_size"]
-    results = predict_sharded(model, dataset, cfg, batch, ctx, log, run.experiment)
+    results = predict_sharded(model, dataset, batch, rt.ctx, rt.log, run.experiment, forward)
     name = results_name(run.experiment, tta)
-    if not ctx.is_main:
-        return run.run_dir / f"{name}.zip"
     out = run.run_dir / f"{name}.zip"
+    if not rt.ctx.is_main:
+        return out
     write_results_zip(results, out, f"{name}.json")
-    log(f"[{run.experiment}] {len(results)} detections on {len(dataset)} test-dev images in "
-        f"{time.perf_counter() - t0:.0f}s -> {out} (upload it to the COCO detection server)")
+    rt.log(f"[{run.experiment}] {len(results)} detections on {len(dataset)} test-dev images in "
+           f"{time.perf_counter() - t0:.0f}s -> {out} (upload it to the COCO detection server)")
     return out

@@ -1,6 +1,6 @@
 """MLflow tracking: one MLflow run per (profile, experiment), written by rank 0 only.
 
-    tracker = Tracker.for_run(run, stage="train", digest=..., resumed=start > 0)
+    tracker = Tracker.for_run(run, stage="train", resumed=start > 0)
     tracker.log_params(flat_params(run.to_dict()))
     tracker.log_metrics({"loss": 0.7, "lr": 0.01}, step=20)
     tracker.log_artifact(path)
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -42,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from dyhead.config import RunConfig, load_matrix, repo_root
+from dyhead.config import RunConfig, repo_root
 
 RETRY_SECONDS = 120.0  # per call, while training runs
 START_SECONDS = 15.0  # to open the run: an unreachable store is told at once
@@ -77,8 +78,9 @@ def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def git_state(root: Path) -> tuple[str, str]:
-    """(commit, "true"/"false" dirty), or ("unknown", "unknown") outside a git checkout."""
+    """(commit, "true"/"false" dirty), or ("unknown", "unknown") outside a git checkout; asked once per process."""
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10)
@@ -111,7 +113,7 @@ class Tracker(NullTracker):
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def for_run(cls, run: RunConfig, *, stage: str, digest: str, resumed: bool = False,
+    def for_run(cls, run: RunConfig, *, stage: str, resumed: bool = False,
                 tags: dict | None = None, root: Path | None = None) -> NullTracker:
         """The MLflow run of `run` (see the module doc for which one); NullTracker when off."""
         if os.environ.get("DYHEAD_TRACKING", "").lower() in ("0", "off", "false", "no"):
@@ -133,13 +135,13 @@ class Tracker(NullTracker):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         try:
-            all_tags = run_tags(run, digest, root, tags or {})  # git and params/ read outside the lock
+            all_tags = run_tags(run, root, tags or {})  # git asked outside the lock
             with _file_lock(lock_path):  # the first job creates the schema
                 _retry(lambda: _create_store(MlflowClient, uri), START_SECONDS)
             client = _retry(lambda: MlflowClient(uri), START_SECONDS)  # reads the schema: no lock needed
             with _file_lock(lock_path):  # one job at a time looks up or creates its run
                 exp_id = _retry(lambda: _experiment(client, f"dyhead-{run.profile_name}", uri, root), START_SECONDS)
-                run_id, skip = _retry(lambda: _find_or_create(client, exp_id, run, stage, digest, resumed, all_tags),
+                run_id, skip = _retry(lambda: _find_or_create(client, exp_id, run, stage, resumed, all_tags),
                                       START_SECONDS)
         except Exception as exc:  # the store is unreachable or refuses us: never stop training
             _warn_once(f"MLflow store {uri} not usable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
@@ -263,22 +265,22 @@ def _experiment(client, name: str, uri: str, root: Path) -> str:
         return exp.experiment_id
 
 
-def run_tags(run: RunConfig, digest: str, root: Path, extra: dict) -> dict[str, str]:
+def run_tags(run: RunConfig, root: Path, extra: dict) -> dict[str, str]:
     commit, dirty = git_state(root)
     return {"run_key": f"{run.profile_name}/{run.experiment}", "experiment": run.experiment,
-            "profile": run.profile_name, "settings_digest": digest,
-            "tables": ",".join(load_matrix(root, run.profile_name).tables_of(run.experiment)), "git_commit": commit,
+            "profile": run.profile_name, "settings_digest": run.digest,
+            "tables": ",".join(run.tables), "git_commit": commit,
             "git_dirty": dirty, "mlflow.source.git.commit": commit, **{k: str(v) for k, v in extra.items()}}
 
 
-def _find_or_create(client, exp_id: str, run: RunConfig, stage: str, digest: str, resumed: bool,
+def _find_or_create(client, exp_id: str, run: RunConfig, stage: str, resumed: bool,
                     tags: dict) -> tuple[str, int]:
     from mlflow.entities import ViewType
 
     key = tags["run_key"]
     found = client.search_runs([exp_id], filter_string=f"tags.run_key = '{key}'", run_view_type=ViewType.ACTIVE_ONLY,
                                order_by=["attributes.start_time DESC"], max_results=20)
-    same = [r for r in found if r.data.tags.get("settings_digest") == digest]
+    same = [r for r in found if r.data.tags.get("settings_digest") == run.digest]
     if stage == "train":
         current = same[0] if resumed and same else None  # only a resume continues a run
         if current is None:  # adopt a run that only finished outputs (FLOPs, counted before training) made
@@ -304,9 +306,9 @@ def _find_or_create(client, exp_id: str, run: RunConfig, stage: str, digest: str
     return run_id, max(logged, default=-1)
 
 
-def log_run_outputs(run: RunConfig, stage: str, digest: str, files: list[Path], metrics: dict, step: int) -> None:
+def log_run_outputs(run: RunConfig, stage: str, files: list[Path], metrics: dict, step: int) -> None:
     """One-shot logging of finished outputs (metrics JSON, FLOPs, reports) into the run of `run`."""
-    tracker = Tracker.for_run(run, stage=stage, digest=digest)
+    tracker = Tracker.for_run(run, stage=stage)
     tracker.log_metrics(metrics, step)
     for path in files:
         tracker.log_artifact(path)

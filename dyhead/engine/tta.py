@@ -1,4 +1,4 @@
-"""Test-time augmentation: several input scales, each also mirrored, merged by class-wise NMS.
+"""Test-time augmentation views: several input scales, each also mirrored, merged by class-wise NMS.
 
 Follows the ATSS official multi-scale test (atss_core/engine/bbox_aug_vote.py), the one the
 paper's Table 5 compares with: every scale runs on the image and on its mirror; scales up to the
@@ -11,24 +11,14 @@ bounding-box voting; here it is plain class-wise NMS at the detector's test thre
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dyhead.config import RunConfig
-from dyhead.data.coco import CocoDetection, collate
-from dyhead.data.synthetic import area_ranges
 from dyhead.data.transforms import ResizeShortestSide
-from dyhead.engine import distributed
-from dyhead.engine.checkpoint import load_checkpoint, save_json
-from dyhead.engine.evaluate import coco_metrics, predict, to_coco_results
-from dyhead.engine.tracking import log_run_outputs
-from dyhead.engine.train import to_device, settings_digest, setup_runtime
 from dyhead.errors import DyheadError
-from dyhead.modeling.detectors.base import nms_per_image
-from dyhead.modeling.build import build_detector
+from dyhead.modeling.detectors.common import nms_per_image
 
 
 @dataclass(frozen=True)
@@ -113,72 +103,3 @@ def predict_tta(model, images: list[Tensor], cfg: TTAConfig) -> list[dict]:
                 "scores": out["scores"][keep], "labels": out["labels"][keep],
             })
     return [merge(dets, cfg.nms_thresh, cfg.detections_per_img) for dets in per_image]
-
-
-def load_trained(run: RunConfig, category_ids: list[int], device, backend: str, annotations: str):
-    """The experiment's final weights in an eval-mode model, checked against the data's categories."""
-    weights = run.run_dir / "model_final.pth"
-    ckpt = load_checkpoint(weights)
-    if ckpt.get("category_ids") != category_ids:
-        raise DyheadError(f"{weights}: trained on categories {ckpt.get('category_ids')}, {annotations} has "
-                          f"{category_ids}")
-    model = build_detector(run, len(category_ids), backend, load_weights=False).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
-
-
-def predict_dataset_tta(model, dataset, cfg: TTAConfig, batches: list[list[int]], device, log=print, tag: str = ""):
-    """COCO result entries for `batches` (index lists) of a dataset yielding original images (no transforms)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
-    results, t0, n = [], time.perf_counter(), len(loader)
-    for i, (images, targets) in enumerate(loader, 1):
-        images, _ = to_device(images, [], device)
-        for out, tgt in zip(predict_tta(model, images, cfg), targets):
-            results.extend(to_coco_results(out, tgt, dataset.label_to_category))
-        if i % 20 == 0 or i == n:
-            log(f"[{tag}] tta {i}/{n} batches, {(time.perf_counter() - t0) / i:.2f}s/batch")
-    return results
-
-
-def predict_sharded(model, dataset, cfg: TTAConfig | None, batch_size: int, ctx, log, tag: str) -> list[dict] | None:
-    """Under torchrun each rank takes every world_size-th batch and rank 0 gathers (None elsewhere);
-    `cfg` None is the plain single-view prediction."""
-    batches = distributed.shard_batches(len(dataset), batch_size, ctx)
-    if cfg is None:
-        results = predict(model, dataset, batch_size, ctx.device, log, tag, batches)
-    else:
-        results = predict_dataset_tta(model, dataset, cfg, batches, ctx.device, log, tag)
-    ids = dataset.image_ids
-    return distributed.gather_predictions(results, [ids[i] for b in batches for i in b], ids, ctx)
-
-
-def evaluate_tta(run: RunConfig, *, threads: int | None = None, backend: str | None = None, log=print) -> dict:
-    """Like `evaluate`, with TTA: writes predictions_tta.json and metrics_tta.json beside the weights."""
-    cfg = tta_config(run.profile, run.profile_name)
-    device, backend = setup_runtime(run, threads, backend)
-    ctx = distributed.init(device)  # under torchrun: each rank predicts a shard, rank 0 scores
-    log = log if ctx.is_main else (lambda *a, **k: None)
-    data = run.profile["data"]
-    dataset = CocoDetection(data["val_images"], data["val_annotations"], train=False, transforms=None)
-    model = load_trained(run, dataset.category_ids, ctx.device, backend, data["val_annotations"])
-    log(f"[{run.experiment}] tta: {len(list(cfg.views()))} views per image (scales {list(cfg.scales)}, "
-        f"flip {cfg.flip}, size ranges {'on' if cfg.size_ranges else 'off'})")
-    t0 = time.perf_counter()
-    batch = cfg.batch_size or run.profile["eval"]["batch_size"]
-    results = predict_sharded(model, dataset, cfg, batch, ctx, log, run.experiment)
-    if not ctx.is_main:
-        return {}
-    seconds = time.perf_counter() - t0
-    out = run.run_dir
-    save_json(out / "predictions_tta.json", results)
-    synth = data.get("synthetic") if data["source"] == "synthetic" else None
-    ranges = area_ranges(synth["image_size"]) if synth else None
-    metrics = coco_metrics(dataset.coco, results, dataset.image_ids, ranges)
-    record = {"experiment": run.experiment, "profile": run.profile_name, "split": "val", "area_ranges": ranges,
-              "annotations": data["val_annotations"], "images": len(dataset), "detections": len(results),
-              "eval_seconds": round(seconds, 1), "dcn_backend": backend, "tta": asdict(cfg), "metrics": metrics}
-    save_json(out / "metrics_tta.json", record)
-    log_run_outputs(run, "evaluate_tta", settings_digest(run), [out / "metrics_tta.json"],
-                    {f"tta_{k}": v for k, v in metrics.items()}, run.max_iter)
-    log(f"[{run.experiment}] tta " + " ".join(f"{k} {v}" for k, v in metrics.items()))
-    return record

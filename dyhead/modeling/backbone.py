@@ -10,7 +10,7 @@ the offset/mask convs are new, and they start at zero (a regular grid, every mas
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn

@@ -1,23 +1,27 @@
 """Build a detector from a resolved experiment (config in, nn.Module out).
 
-`DETECTORS` maps the experiment's `detector` name to a builder; a builder gets the parts every
-detector shares (`Parts`) and returns a `Detector`. Adding a detector: its module under
-detectors/, one builder and one entry here, its name in the experiments schema's enum.
+The DyHead stack is decided here, once: `dyhead_module` builds it (or None for a baseline head) and
+each builder hands it to its detector, which puts it where its placement says. `DETECTORS` maps the
+experiment's `detector` name to a builder. Adding a detector: a module under detectors/ built on
+detectors/common.py, one builder and one entry here, its name in the experiments schema's enum
+(docs/architecture.md walks through it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from torch import nn
+
 from dyhead.config import RunConfig
 from dyhead.errors import DyheadError
 from dyhead.modeling.backbone import BackboneConfig, BackboneWithFPN, load_backbone_weights
 from dyhead.modeling.detectors.atss import ATSS, ATSSConfig
-from dyhead.modeling.detectors.base import Detector
+from dyhead.modeling.detectors.common import Detector
 from dyhead.modeling.detectors.faster_rcnn import FasterRCNN, FasterRCNNConfig
 from dyhead.modeling.detectors.fcos import FCOS, FCOSConfig
 from dyhead.modeling.detectors.reppoints import RepPoints, RepPointsConfig
 from dyhead.modeling.detectors.retinanet import RetinaNet, RetinaNetConfig
-from dyhead.modeling.dyhead import DyHeadConfig
+from dyhead.modeling.dyhead import DyHead, DyHeadConfig
 
 ONE_STAGE_LEVELS = (3, 4, 5, 6, 7)  # P6/P7 from P5
 TWO_STAGE_LEVELS = (2, 3, 4, 5, 6)  # max-pooled P6
@@ -39,40 +43,56 @@ class Parts:
     roi_batch_size_per_image: int
     spec: dict
 
+    @property
+    def placement(self) -> str:
+        return self.spec.get("placement", "paper")
+
     def backbone(self, levels: tuple[int, ...]) -> BackboneWithFPN:
         model = BackboneWithFPN(replace(self.backbone_cfg, levels=levels))
         if self.weights:
             load_backbone_weights(model.body, self.weights)
         return model
 
+    def dyhead_module(self, **overrides) -> nn.Module | None:
+        """The DyHead stack (built after the backbone, so the weights' random start is fixed by the seed)."""
+        return DyHead(replace(self.dyhead, **overrides)) if self.dyhead is not None else None
+
 
 def build_atss(p: Parts) -> Detector:
     head = p.spec["head"]
     cfg = ATSSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups,
                      tower_convs=head.get("tower_convs", 4), tower_shared=head.get("tower_shared", False))
-    return ATSS(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+    backbone = p.backbone(ONE_STAGE_LEVELS)
+    return ATSS(backbone, cfg, p.size_divisible, p.dyhead_module())
 
 
 def build_retinanet(p: Parts) -> Detector:
-    cfg = RetinaNetConfig(num_classes=p.num_classes, tower_init=p.plain_head_init,
-                          placement=p.spec.get("placement", "paper"))
-    return RetinaNet(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+    cfg = RetinaNetConfig(num_classes=p.num_classes, tower_init=p.plain_head_init, placement=p.placement)
+    backbone = p.backbone(ONE_STAGE_LEVELS)
+    return RetinaNet(backbone, cfg, p.size_divisible, p.dyhead_module())
 
 
 def build_fcos(p: Parts) -> Detector:
     cfg = FCOSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups)
-    return FCOS(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+    backbone = p.backbone(ONE_STAGE_LEVELS)
+    return FCOS(backbone, cfg, p.size_divisible, p.dyhead_module())
 
 
 def build_reppoints(p: Parts) -> Detector:
     cfg = RepPointsConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups)
-    return RepPoints(p.backbone(ONE_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible, p.dcn_backend)
+    backbone = p.backbone(ONE_STAGE_LEVELS)
+    return RepPoints(backbone, cfg, p.size_divisible, p.dcn_backend, p.dyhead_module())
 
 
 def build_faster_rcnn(p: Parts) -> Detector:
-    cfg = FasterRCNNConfig(num_classes=p.num_classes, placement=p.spec.get("placement", "paper"),
+    # Fig. 2c: the blocks before the RoI pooling keep scale and spatial attention; the task attention
+    # moves to the RoI features (FasterRCNNConfig.roi_task_attention). The official placement keeps all three.
+    paper = p.placement == "paper"
+    task = p.dyhead.task if p.dyhead is not None else True
+    cfg = FasterRCNNConfig(num_classes=p.num_classes, placement=p.placement, roi_task_attention=task,
                            box_batch_size_per_image=p.roi_batch_size_per_image)
-    return FasterRCNN(p.backbone(TWO_STAGE_LEVELS), cfg, p.dyhead, p.size_divisible)
+    backbone = p.backbone(TWO_STAGE_LEVELS)
+    return FasterRCNN(backbone, cfg, p.size_divisible, p.dyhead_module(**({"task": False} if paper else {})))
 
 
 DETECTORS = {

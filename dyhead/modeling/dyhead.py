@@ -1,8 +1,7 @@
 """The DyHead block: scale-, spatial- and task-aware attention over a feature pyramid.
 
 Follows the official code (microsoft/DynamicHead `dyhead/dyhead.py`, `dyrelu.py`) where it is
-right; see ../shared/reference/dyhead_spec.md §A for the facts. Per level l of the pyramid
-(finest first):
+right and the paper where the code is silent. Per level l of the pyramid (finest first):
 
     offsets, mask = split(conv3x3(X_l))                      # 18 (dy, dx) + 9 mask logits
     mid  = GN(DCN(X_l))            stride 1                   # spatial attention pi_S

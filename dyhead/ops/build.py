@@ -268,72 +268,66 @@ def build_extension(build_dir: Path | None = None, cuda: str = "auto", verbose: 
     log_path = work_dir / "build.log"
     t0 = time.perf_counter()
     with _exclusive(build_dir / f".build-{flavour}.lock"):
-        # cpp_extension's own lock file is only left behind by a killed build (we hold the flock).
-        stale = work_dir / "lock"
-        if stale.exists():
-            stale.unlink()
-        _remove_stale_temporaries(build_dir)
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(cfg)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_worker_env(cxx, with_cuda, nvcc, arch_list),
-        )
-        lines = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if verbose:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        rc = proc.wait()
-        log = "".join(lines)
-        log_path.write_text(log)
-        built = work_dir / f"{LIB_NAME}.so"
-        if rc != 0 or "DYHEAD_BUILD_OK" not in log or not built.is_file():
-            raise DyheadError(
-                f"build-ext: compiling the DCN extension failed ({_first_error_line(log)}); full log: {log_path}"
-            )
+        built = _compile(cfg, _worker_env(cxx, with_cuda, nvcc, arch_list), build_dir, log_path, verbose)
         seconds = time.perf_counter() - t0
-        # Publish, still holding the flavour lock (so `built` cannot change under us) and a build
-        # dir-wide one: the library under its final name by rename, then the manifest by rename, so
-        # the manifest never names a missing or partial file.
-        with _exclusive(build_dir / ".publish.lock"):
-            lib = build_dir / f"{LIB_NAME}-{src_hash[:12]}-{flavour}.so"
-            tmp_lib = lib.with_name(lib.name + f".tmp{os.getpid()}")
-            shutil.copy2(built, tmp_lib)
-            os.replace(tmp_lib, lib)
-            manifest = {
-                "library": lib.name,
-                "library_path": str(lib),
-                "cuda": with_cuda,
-                "arch_list": arch_list if with_cuda else None,
-                "arch_dropped": dropped,
-                "torch_version": torch.__version__,
-                "torch_cuda": torch.version.cuda,
-                "source_hash": src_hash,
-                "sources": [p.relative_to(native.CSRC_DIR).as_posix() for p in cpp_sources + cu_sources],
-                "cxx": cxx,
-                "cxx_flags": cflags,
-                "nvcc": nvcc,
-                "build_seconds": round(seconds, 1),
-                "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            }
-            man_path = build_dir / native.MANIFEST_NAME
-            tmp_man = man_path.with_name(man_path.name + f".tmp{os.getpid()}")
-            tmp_man.write_text(json.dumps(manifest, indent=2) + "\n")
-            os.replace(tmp_man, man_path)
-            # Keep the two newest older libraries (a process may be about to load the one the previous
-            # manifest named; one that already mapped a deleted file keeps it), delete the rest.
-            older = sorted((p for p in build_dir.glob(f"{LIB_NAME}-*.so") if p != lib), key=lambda p: p.stat().st_mtime)
-            for old in older[:-2]:
-                with contextlib.suppress(OSError):
-                    old.unlink()
+        manifest = {
+            "cuda": with_cuda, "arch_list": arch_list if with_cuda else None, "arch_dropped": dropped,
+            "torch_version": torch.__version__, "torch_cuda": torch.version.cuda, "source_hash": src_hash,
+            "sources": [p.relative_to(native.CSRC_DIR).as_posix() for p in cpp_sources + cu_sources],
+            "cxx": cxx, "cxx_flags": cflags, "nvcc": nvcc, "build_seconds": round(seconds, 1),
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        # still holding the flavour lock, so `built` cannot change under us
+        lib, man_path = _publish(built, build_dir, f"{LIB_NAME}-{src_hash[:12]}-{flavour}.so", manifest)
     _say(f"built in {seconds:.1f} s ({'CPU + CUDA' if with_cuda else 'CPU only'})")
     _say(f"library: {lib}")
     _say(f"manifest: {man_path}")
     return lib
+
+
+def _compile(cfg: dict, env: dict, build_dir: Path, log_path: Path, verbose: bool) -> Path:
+    """Run the compile + link + load-test worker; the built library (in the work dir) or a one-line error."""
+    work_dir = Path(cfg["work_dir"])
+    # cpp_extension's own lock file is only left behind by a killed build (we hold the flock).
+    (work_dir / "lock").unlink(missing_ok=True)
+    _remove_stale_temporaries(build_dir)
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if verbose:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    rc = proc.wait()
+    log = "".join(lines)
+    log_path.write_text(log)
+    built = work_dir / f"{LIB_NAME}.so"
+    if rc != 0 or "DYHEAD_BUILD_OK" not in log or not built.is_file():
+        raise DyheadError(f"build-ext: compiling the DCN extension failed ({_first_error_line(log)}); full log: {log_path}")
+    return built
+
+
+def _publish(built: Path, build_dir: Path, name: str, manifest: dict) -> tuple[Path, Path]:
+    """The library under its final name by rename, then the manifest by rename (under a build-dir-wide lock),
+    so the manifest never names a missing or partial file; older libraries beyond the two newest go."""
+    from dyhead.files import save_json
+
+    with _exclusive(build_dir / ".publish.lock"):
+        lib = build_dir / name
+        tmp_lib = lib.with_name(lib.name + f".tmp{os.getpid()}")
+        shutil.copy2(built, tmp_lib)
+        os.replace(tmp_lib, lib)
+        man_path = build_dir / native.MANIFEST_NAME
+        save_json(man_path, {"library": lib.name, "library_path": str(lib), **manifest})
+        # Keep the two newest older libraries (a process may be about to load the one the previous
+        # manifest named; one that already mapped a deleted file keeps it), delete the rest.
+        older = sorted((p for p in build_dir.glob(f"{LIB_NAME}-*.so") if p != lib), key=lambda p: p.stat().st_mtime)
+        for old in older[:-2]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    return lib, man_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,13 +356,27 @@ def main(argv: list[str] | None = None) -> int:
         help="compile the CUDA kernels: auto (when nvcc is found, default), on (required), off",
     )
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    parser.add_argument("--allow-fallback", action="store_true",
+                        help="if the build fails, record that in the manifest and exit 0: dcn_backend 'auto' then "
+                             "uses torchvision's op (the Snakemake rule and the DVC stage pass this)")
     args = parser.parse_args(argv)
     try:
         build_extension(args.build_dir, cuda=args.cuda, verbose=args.verbose)
     except DyheadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"dyhead: error: {e}", file=sys.stderr)
+        if not args.allow_fallback:
+            return 2
+        record_fallback(Path(args.build_dir or native.default_ext_dir()))
     return 0
+
+
+def record_fallback(build_dir: Path) -> None:
+    """A manifest that says the build failed: `auto` resolves to torchvision's op, and the pipeline goes on."""
+    from dyhead.files import save_json
+
+    save_json(build_dir / native.MANIFEST_NAME, {"library": None, "native": False, "source_hash": native.source_hash(),
+                                                 "reason": "build failed; see the build log above"})
+    _say(f"native extension not built; trainings fall back to torchvision's op ({build_dir / native.MANIFEST_NAME})")
 
 
 if __name__ == "__main__":

@@ -219,17 +219,10 @@ def _pair(v) -> list[int]:
     return [int(a), int(b)]
 
 
-def deform_conv2d(
-    input: Tensor,
-    offset: Tensor,
-    mask: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: int | tuple[int, int] = 1,
-    padding: int | tuple[int, int] = 0,
-    dilation: int | tuple[int, int] = 1,
-) -> Tensor:
-    """Modulated deformable conv 2D with torchvision's semantics, run by the native extension."""
+def deform_conv2d(input: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor, bias: Tensor | None = None,
+                  stride=1, padding=0, dilation=1) -> Tensor:
+    """Modulated deformable conv 2D with torchvision's semantics, run by the native extension (the arguments of
+    dyhead.ops.deform_conv2d)."""
     if not _ready and not is_built():
         raise RuntimeError(f"dyhead native DCN extension unavailable ({_status}); run `dyhead build-ext`")
     return _fwd_op(input, offset, mask, weight, bias, _pair(stride), _pair(padding), _pair(dilation))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dyhead.config import PRETRAINED, Matrix, load_profile
-from dyhead.engine.checkpoint import load_json, save_text
+from dyhead.config import PRETRAINED, Matrix, load_matrix, load_profile, resolve
+from dyhead.engine.tracking import log_run_outputs
+from dyhead.errors import DyheadError
+from dyhead.files import load_json, save_text
 
 PAPER = "Dai et al., *Dynamic Head*, CVPR 2021"
 
@@ -290,3 +292,19 @@ def write_table(name: str, matrix: Matrix, profile_name: str, out: Path, runs_ro
     text = render_table(name, matrix, profile_name, runs_root)
     save_text(out, text)
     return text
+
+
+def report(table: str, profile_name: str, out: Path | None = None, log=print) -> Path:
+    """`dyhead report`: write the table and attach it to every run it summarises (each run in `mlflow ui`
+    links to its table)."""
+    matrix = load_matrix(profile=profile_name)
+    if table not in matrix.tables:
+        raise DyheadError(f"unknown table {table!r}; params/tables.yaml defines {', '.join(sorted(matrix.tables))}")
+    out = Path(out or f"reports/{table}.md")
+    write_table(table, matrix, profile_name, out)
+    for exp in matrix.table_experiments(table):
+        run = resolve(exp, profile_name, matrix=matrix)
+        if (run.run_dir / "metrics.json").exists():
+            log_run_outputs(run, "report", [out], {}, 0)
+    log(f"wrote {out} (profile {profile_name})")
+    return out

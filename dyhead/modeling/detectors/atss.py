@@ -1,6 +1,6 @@
 """ATSS (Zhang et al., CVPR 2020) with either the baseline tower head or a DyHead head.
 
-Facts: ../shared/reference/detectors.md §2 and dyhead_spec.md §B.3, §C.2. One square anchor of
+Follows the ATSS reference code (sfzhang15/ATSS) and the official DyHead ATSS config. One square anchor of
 8 x stride per location centred at (i + 0.5) * stride; deltas coded with weights (10, 10, 5, 5).
 Assignment: per level the 9 anchors nearest each box centre are candidates; positives have
 IoU >= mean + std of their candidates' IoUs and a centre strictly inside the box; an anchor
@@ -8,25 +8,22 @@ claimed by several boxes goes to the one it overlaps most.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou, clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
-from dyhead.modeling.backbone import BackboneWithFPN
-from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, Scale, conv_tower, flatten_levels, init_predictors,
+                                              make_points, reduce_mean, square_anchors, top_candidates)
 
 INF = float("inf")
 
 
 @dataclass(frozen=True)
-class ATSSConfig:
-    num_classes: int = 80
+class ATSSConfig(DenseConfig):
     anchor_scale: float = 8.0
     topk: int = 9
     tower_convs: int = 4  # baseline head; a DyHead head has no towers
@@ -36,32 +33,6 @@ class ATSSConfig:
     tower_gn_groups: int = 32
     pred_kernel: int = 3
     reg_loss_weight: float = 2.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    score_thresh: float = 0.05
-    pre_nms_topk: int = 1000
-    nms_thresh: float = 0.6
-    detections_per_img: int = 100
-    prior_prob: float = 0.01
-
-
-class Scale(nn.Module):
-    def __init__(self, value: float = 1.0):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(value))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
-
-
-def _tower(channels: int, convs: int, gn_groups: int) -> nn.Sequential:
-    layers = []
-    for _ in range(convs):
-        conv = nn.Conv2d(channels, channels, 3, 1, 1)
-        nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(conv.bias)
-        layers += [conv, nn.GroupNorm(gn_groups, channels), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
 
 
 class ATSSHead(nn.Module):
@@ -72,20 +43,17 @@ class ATSSHead(nn.Module):
     DyHead (Fig. 2b): the blocks replace both towers; all predictors read the unified feature.
     """
 
-    def __init__(self, channels: int, num_levels: int, cfg: ATSSConfig, dyhead: DyHeadConfig | None):
+    def __init__(self, channels: int, num_levels: int, cfg: ATSSConfig, dyhead: nn.Module | None = None):
         super().__init__()
-        self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
-        convs = 0 if self.dyhead is not None else cfg.tower_convs
-        self.cls_tower = _tower(channels, convs, cfg.tower_gn_groups)
-        self.reg_tower = self.cls_tower if cfg.tower_shared else _tower(channels, convs, cfg.tower_gn_groups)
+        self.dyhead = dyhead
+        convs = 0 if dyhead is not None else cfg.tower_convs
+        self.cls_tower = conv_tower(channels, convs, cfg.tower_gn_groups)
+        self.reg_tower = self.cls_tower if cfg.tower_shared else conv_tower(channels, convs, cfg.tower_gn_groups)
         k, pad = cfg.pred_kernel, cfg.pred_kernel // 2
         self.cls_logits = nn.Conv2d(channels, cfg.num_classes, k, 1, pad)
         self.bbox_pred = nn.Conv2d(channels, 4, k, 1, pad)
         self.centerness = nn.Conv2d(channels, 1, k, 1, pad)
-        for conv in (self.cls_logits, self.bbox_pred, self.centerness):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        init_predictors((self.cls_logits, self.bbox_pred, self.centerness), self.cls_logits, cfg.prior_prob)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -103,14 +71,7 @@ class ATSSHead(nn.Module):
 
 def make_anchors(sizes: list[tuple[int, int]], strides: list[int], scale: float, device) -> list[Tensor]:
     """One square anchor of `scale * stride` per location, centred at (i + 0.5) * stride; per level [HW, 4]."""
-    anchors = []
-    for (h, w), s in zip(sizes, strides):
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        half = scale * s / 2
-        anchors.append(torch.stack([cx - half, cy - half, cx + half, cy + half], dim=-1).reshape(-1, 4))
-    return anchors
+    return square_anchors(make_points(sizes, strides, device), strides, scale)
 
 
 def atss_assign(anchors_per_level: list[Tensor], gt_boxes: Tensor, topk: int) -> Tensor:
@@ -170,34 +131,22 @@ def centerness_target(anchors: Tensor, boxes: Tensor) -> Tensor:
     return torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
 
 
-def _flatten(maps: list[Tensor], channels: int) -> Tensor:
-    """[N, C, H, W] per level -> [N, sum HW, C] in (level, y, x) order, matching make_anchors."""
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, channels) for m in maps], dim=1)
-
-
-class ATSS(Detector):
-    def __init__(self, backbone: BackboneWithFPN, cfg: ATSSConfig, dyhead: DyHeadConfig | None, size_divisible: int):
-        super().__init__(size_divisible)
+class ATSS(DenseDetector):
+    def __init__(self, backbone: nn.Module, cfg: ATSSConfig, size_divisible: int, dyhead: nn.Module | None = None):
+        super().__init__(backbone, ATSSHead(backbone.out_channels, len(backbone.strides), cfg, dyhead), size_divisible)
         self.cfg = cfg
-        self.backbone = backbone
-        self.strides = backbone.strides
-        self.head = ATSSHead(backbone.out_channels, len(self.strides), cfg, dyhead)
         self.box_coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
-    def network(self, batch: Tensor):
-        return self.head(self.backbone(batch))
-
-    def _anchors(self, outputs, batch: Tensor) -> list[Tensor]:
-        sizes = [tuple(m.shape[-2:]) for m in outputs[0]]
-        return make_anchors(sizes, self.strides, self.cfg.anchor_scale, batch.device)
+    def grids(self, outputs, batch: Tensor) -> list[Tensor]:
+        return make_anchors(self.level_sizes(outputs), self.strides, self.cfg.anchor_scale, batch.device)
 
     def losses(self, outputs, targets: list[dict], batch: Tensor) -> dict[str, Tensor]:
         logits, deltas, ctrness = outputs
-        anchors_per_level = self._anchors(outputs, batch)
+        anchors_per_level = self.grids(outputs, batch)
         anchors = torch.cat(anchors_per_level)
-        logits = _flatten(logits, self.cfg.num_classes)
-        deltas = _flatten(deltas, 4)
-        ctrness = _flatten(ctrness, 1).squeeze(-1)
+        logits = flatten_levels(logits, self.cfg.num_classes)
+        deltas = flatten_levels(deltas, 4)
+        ctrness = flatten_levels(ctrness, 1).squeeze(-1)
 
         cls_targets = torch.zeros_like(logits)
         pos_mask, box_targets = [], []
@@ -227,28 +176,11 @@ class ATSS(Detector):
         loss_ctr = F.binary_cross_entropy_with_logits(ctrness[pos_mask], ctr_targets, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
 
-    @torch.no_grad()
-    def postprocess(self, outputs, sizes: list[tuple[int, int]], batch: Tensor) -> list[dict]:
-        logits, deltas, ctrness = outputs
-        anchors_per_level = self._anchors(outputs, batch)
-        results = []
-        for i, (h, w) in enumerate(sizes):
-            boxes_all, scores_all, labels_all = [], [], []
-            for lvl, anchors in enumerate(anchors_per_level):
-                cls = logits[lvl][i].permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
-                ctr = ctrness[lvl][i].reshape(-1).sigmoid()
-                keep = cls > self.cfg.score_thresh
-                scores = (cls * ctr[:, None])[keep]  # product score, no sqrt (official DyHead port)
-                if scores.numel() > self.cfg.pre_nms_topk:
-                    scores, top = scores.topk(self.cfg.pre_nms_topk)
-                else:
-                    top = torch.arange(scores.numel(), device=scores.device)
-                loc, cls_idx = keep.nonzero(as_tuple=True)
-                loc, cls_idx = loc[top], cls_idx[top]
-                d = deltas[lvl][i].permute(1, 2, 0).reshape(-1, 4)[loc]
-                boxes = self.box_coder.decode_single(d, anchors[loc])
-                boxes_all.append(clip_boxes_to_image(boxes, (h, w)))
-                scores_all.append(scores)
-                labels_all.append(cls_idx)
-            results.append(nms_per_image(boxes_all, scores_all, labels_all, self.cfg.nms_thresh, self.cfg.detections_per_img))
-        return results
+    def level_candidates(self, outputs, grid: Tensor, image: int, level: int):
+        logits, deltas, ctrness = (o[level][image] for o in outputs)
+        cls = logits.permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
+        ctr = ctrness.reshape(-1).sigmoid()
+        # product score, no sqrt (the official DyHead port); the threshold applies to the class score alone
+        scores, loc, labels = top_candidates(cls * ctr[:, None], cls > self.cfg.score_thresh, self.cfg.pre_nms_topk)
+        d = deltas.permute(1, 2, 0).reshape(-1, 4)[loc]
+        return self.box_coder.decode_single(d, grid[loc]), scores, labels

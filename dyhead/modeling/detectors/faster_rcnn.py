@@ -1,6 +1,6 @@
 """Faster R-CNN with FPN (P2-P6), built from torchvision's RPN and RoI heads, with two DyHead placements.
 
-Facts: ../shared/reference/detectors.md §1.1 and dyhead_spec.md §B.5. Baseline: RPN (3 anchors of
+Built on torchvision's Faster R-CNN parts. Baseline: RPN (3 anchors of
 8 strides x ratios 0.5/1/2 per location; 32..512 on COCO), MultiScaleRoIAlign 7x7 on P2-P5, the
 2-FC box head (TwoMLPHead, 1024 at 256 channels: 4 x the FPN width) and FastRCNNPredictor.
 torchvision's own transform is not used: images arrive resized, and `Detector.preprocess`
@@ -24,6 +24,9 @@ DyHead placements (`placement`):
   with no linear map between them would add little (each is a per-channel piecewise-linear map of
   the same channel), so there is one. The head's `task` switch turns pi_C off (flatten -> predictors).
 
+The DyHead stack arrives built (dyhead.modeling.build decides it once: for ``paper`` with task attention
+off); this module decides only the box head that goes with the placement.
+
 `network` is backbone (+DyHead) + RPN head, and in eval mode also the proposal selection and the
 RoI head, so it covers the whole two-stage computation. Training runs the RoI head in `losses`,
 where proposals are sampled against the targets. FLOPs are counted on the meta device, where no
@@ -35,7 +38,7 @@ two-stage model is counted on the same number of RoIs. The RPN clips proposals t
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -46,16 +49,15 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
 
-from dyhead.modeling.backbone import BackboneWithFPN
-from dyhead.modeling.detectors.base import Detector
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig, DyReLU, check_placement
-
+from dyhead.modeling.detectors.common import Detector
+from dyhead.modeling.dyhead import DyReLU, check_placement
 
 
 @dataclass(frozen=True)
 class FasterRCNNConfig:
     num_classes: int = 80
     placement: str = "paper"
+    roi_task_attention: bool = True  # paper placement with DyHead: pi_C on the RoI features (the head's `task`)
     anchor_scale: float = 8.0  # one size per level: 8 strides (32 px on P2)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     rpn_fg_iou_thresh: float = 0.7
@@ -94,8 +96,8 @@ class RoITaskAttention(nn.Module):
 
 
 class FasterRCNN(Detector):
-    def __init__(self, backbone: BackboneWithFPN, cfg: FasterRCNNConfig, dyhead: DyHeadConfig | None,
-                 size_divisible: int):
+    def __init__(self, backbone: nn.Module, cfg: FasterRCNNConfig, size_divisible: int,
+                 dyhead: nn.Module | None = None):
         super().__init__(size_divisible)
         check_placement(cfg.placement)
         if backbone.levels[0] != 2:
@@ -103,11 +105,8 @@ class FasterRCNN(Detector):
         self.cfg = cfg
         self.backbone = backbone
         channels = backbone.out_channels
-        use_dyhead = dyhead is not None and dyhead.blocks > 0
-        paper = use_dyhead and cfg.placement == "paper"
-        self.dyhead = None
-        if use_dyhead:
-            self.dyhead = DyHead(replace(dyhead, task=False) if paper else dyhead)
+        paper = dyhead is not None and cfg.placement == "paper"
+        self.dyhead = dyhead
 
         sizes = tuple((cfg.anchor_scale * s,) for s in backbone.strides)
         anchors = AnchorGenerator(sizes, (cfg.aspect_ratios,) * len(sizes))
@@ -121,7 +120,7 @@ class FasterRCNN(Detector):
 
         res = cfg.roi_output_size
         if paper:
-            box_head = RoITaskAttention(channels, res, task=dyhead.task)
+            box_head = RoITaskAttention(channels, res, task=cfg.roi_task_attention)
             width = box_head.out_features
         else:
             width = cfg.representation_size or 4 * channels

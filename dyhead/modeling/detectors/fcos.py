@@ -1,7 +1,7 @@
 """FCOS (Tian et al., ICCV 2019) as the paper's baseline used it, with GN towers or a DyHead head.
 
-Facts: ../shared/reference/detectors.md §1.2 (the original FCOS and mmdetection, not torchvision's
-variant). One point per location at (i + 0.5) * stride on P3-P7. A point is a positive for a box
+Follows the original FCOS code (tianzhi0549/FCOS) and mmdetection's fcos_head, not torchvision's
+variant. One point per location at (i + 0.5) * stride on P3-P7. A point is a positive for a box
 when it lies inside the box, within 1.5 strides of its centre (centre sampling, Chebyshev
 distance), and the largest of its distances (l, t, r, b) to the box sides falls in the level's
 range; the ranges are multiples of the stride, [4s, 8s], open below on the first level and above
@@ -16,55 +16,41 @@ NMS 0.6, 100 per image, reported score sqrt(cls * ctr) as the original code does
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import clip_boxes_to_image, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from dyhead.modeling.backbone import BackboneWithFPN
-from dyhead.modeling.detectors.atss import Scale, _flatten, _tower
-from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, Scale, conv_tower, flatten_levels, init_predictors,
+                                              make_points, reduce_mean, top_candidates)
 
 INF = float("inf")
 
 
 @dataclass(frozen=True)
-class FCOSConfig:
-    num_classes: int = 80
+class FCOSConfig(DenseConfig):
     size_range_strides: tuple[float, float] = (4.0, 8.0)  # level l takes max(l,t,r,b) in [4 s_l, 8 s_l]
     center_radius: float = 1.5  # in strides; 0 turns centre sampling off
     tower_convs: int = 4
     tower_gn_groups: int = 32
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    score_thresh: float = 0.05
-    pre_nms_topk: int = 1000
-    nms_thresh: float = 0.6
-    detections_per_img: int = 100
-    prior_prob: float = 0.01
 
 
 class FCOSHead(nn.Module):
     """Baseline: GN towers for cls and for reg (centerness on reg). DyHead (Fig. 2b): the blocks
     replace both towers; cls, box and centerness predictors read the unified feature."""
 
-    def __init__(self, channels: int, num_levels: int, cfg: FCOSConfig, dyhead: DyHeadConfig | None):
+    def __init__(self, channels: int, num_levels: int, cfg: FCOSConfig, dyhead: nn.Module | None = None):
         super().__init__()
-        self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
-        convs = 0 if self.dyhead is not None else cfg.tower_convs
-        self.cls_tower = _tower(channels, convs, cfg.tower_gn_groups)
-        self.reg_tower = _tower(channels, convs, cfg.tower_gn_groups)
+        self.dyhead = dyhead
+        convs = 0 if dyhead is not None else cfg.tower_convs
+        self.cls_tower = conv_tower(channels, convs, cfg.tower_gn_groups)
+        self.reg_tower = conv_tower(channels, convs, cfg.tower_gn_groups)
         self.cls_logits = nn.Conv2d(channels, cfg.num_classes, 3, 1, 1)
         self.bbox_pred = nn.Conv2d(channels, 4, 3, 1, 1)
         self.centerness = nn.Conv2d(channels, 1, 3, 1, 1)
-        for conv in (self.cls_logits, self.bbox_pred, self.centerness):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        init_predictors((self.cls_logits, self.bbox_pred, self.centerness), self.cls_logits, cfg.prior_prob)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -77,17 +63,6 @@ class FCOSHead(nn.Module):
             ltrb.append(F.relu(scale(self.bbox_pred(reg_feat))))  # distances in strides
             ctrness.append(self.centerness(reg_feat))
         return logits, ltrb, ctrness
-
-
-def make_points(sizes: list[tuple[int, int]], strides: list[int], device) -> list[Tensor]:
-    """Per level [H * W, 2] (x, y) at (i + 0.5) * stride, in (y, x) order."""
-    points = []
-    for (h, w), s in zip(sizes, strides):
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
-        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-        points.append(torch.stack([cx, cy], dim=-1).reshape(-1, 2))
-    return points
 
 
 def size_ranges(strides: list[int], multiples: tuple[float, float]) -> list[tuple[float, float]]:
@@ -146,28 +121,22 @@ def decode(points: Tensor, ltrb: Tensor, stride: Tensor | float) -> Tensor:
     return torch.cat([points - d[:, :2], points + d[:, 2:]], dim=1)
 
 
-class FCOS(Detector):
-    def __init__(self, backbone: BackboneWithFPN, cfg: FCOSConfig, dyhead: DyHeadConfig | None, size_divisible: int):
-        super().__init__(size_divisible)
+class FCOS(DenseDetector):
+    def __init__(self, backbone: nn.Module, cfg: FCOSConfig, size_divisible: int, dyhead: nn.Module | None = None):
+        super().__init__(backbone, FCOSHead(backbone.out_channels, len(backbone.strides), cfg, dyhead), size_divisible)
         self.cfg = cfg
-        self.backbone = backbone
-        self.strides = backbone.strides
         self.ranges = size_ranges(self.strides, cfg.size_range_strides)
-        self.head = FCOSHead(backbone.out_channels, len(self.strides), cfg, dyhead)
 
-    def network(self, batch: Tensor):
-        return self.head(self.backbone(batch))
-
-    def _points(self, outputs, batch: Tensor) -> list[Tensor]:
-        return make_points([tuple(m.shape[-2:]) for m in outputs[0]], self.strides, batch.device)
+    def grids(self, outputs, batch: Tensor) -> list[Tensor]:
+        return make_points(self.level_sizes(outputs), self.strides, batch.device)
 
     def losses(self, outputs, targets: list[dict], batch: Tensor) -> dict[str, Tensor]:
-        points_per_level = self._points(outputs, batch)
+        points_per_level = self.grids(outputs, batch)
         points = torch.cat(points_per_level)
         stride = torch.cat([points.new_full((p.shape[0],), float(s)) for p, s in zip(points_per_level, self.strides)])
-        logits = _flatten(outputs[0], self.cfg.num_classes)
-        ltrb = _flatten(outputs[1], 4)
-        ctrness = _flatten(outputs[2], 1).squeeze(-1)
+        logits = flatten_levels(outputs[0], self.cfg.num_classes)
+        ltrb = flatten_levels(outputs[1], 4)
+        ctrness = flatten_levels(outputs[2], 1).squeeze(-1)
 
         cls_targets = torch.zeros_like(logits)
         pos_mask, box_targets = [], []
@@ -195,24 +164,10 @@ class FCOS(Detector):
         loss_ctr = F.binary_cross_entropy_with_logits(ctrness[pos_mask], ctr_targets, reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
 
-    @torch.no_grad()
-    def postprocess(self, outputs, sizes: list[tuple[int, int]], batch: Tensor) -> list[dict]:
-        logits, ltrb, ctrness = outputs
-        points_per_level = self._points(outputs, batch)
-        results = []
-        for i, (h, w) in enumerate(sizes):
-            boxes_all, scores_all, labels_all = [], [], []
-            for lvl, points in enumerate(points_per_level):
-                cls = logits[lvl][i].permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
-                ctr = ctrness[lvl][i].reshape(-1).sigmoid()
-                keep = cls > self.cfg.score_thresh
-                scores = (cls * ctr[:, None])[keep]
-                loc, label = keep.nonzero(as_tuple=True)
-                scores, top = scores.topk(min(self.cfg.pre_nms_topk, scores.numel()))
-                loc, label = loc[top], label[top]
-                d = ltrb[lvl][i].permute(1, 2, 0).reshape(-1, 4)[loc]
-                boxes_all.append(clip_boxes_to_image(decode(points[loc], d, self.strides[lvl]), (h, w)))
-                scores_all.append(scores.sqrt())
-                labels_all.append(label)
-            results.append(nms_per_image(boxes_all, scores_all, labels_all, self.cfg.nms_thresh, self.cfg.detections_per_img))
-        return results
+    def level_candidates(self, outputs, grid: Tensor, image: int, level: int):
+        logits, ltrb, ctrness = (o[level][image] for o in outputs)
+        cls = logits.permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
+        ctr = ctrness.reshape(-1).sigmoid()
+        scores, loc, labels = top_candidates(cls * ctr[:, None], cls > self.cfg.score_thresh, self.cfg.pre_nms_topk)
+        d = ltrb.permute(1, 2, 0).reshape(-1, 4)[loc]
+        return decode(grid[loc], d, self.strides[level]), scores.sqrt(), labels  # reported score sqrt(cls * ctr)

@@ -1,7 +1,6 @@
 """RepPoints (Yang et al., ICCV 2019), moment version, with GN towers or a DyHead head.
 
-Facts: ../shared/reference/detectors.md §4 (mmdetection's reppoints_head, point_assigner and the
-R-50 GN config). Per location of P3-P7, at (i + 0.5) * stride:
+Follows mmdetection's reppoints_head, point_assigner and its R-50 GN config. Per location of P3-P7, at (i + 0.5) * stride:
 
     init   = conv1x1(relu(conv3x3(pts_feat)))            9 points as (dy, dx) in strides
     offset = (0.9 * init.detach() + 0.1 * init) - grid   gradient to the init points scaled by 0.1
@@ -19,7 +18,7 @@ and 1.0 (refine), each over its positives averaged across ranks; classification 
 positives and negatives of the refine assignment, over the refine positives.
 
 The head's un-normalised convs (DCNs, the 3x3 init conv, the 1x1 outputs) use mmdet's normal(0, 0.01)
-at 256 channels, scaled by sqrt(256 / C) at narrower widths (see retinanet.head_init_std): two of
+at 256 channels, scaled by sqrt(256 / C) at narrower widths (see common.head_init_std): two of
 them in series per branch pass so little signal at 0.01 and 32 channels that the head trains very
 slowly (8-image overfit, 400 iterations: 25 AP unscaled, 87 AP scaled).
 Deviations, both numerical guards: the std is sqrt(var + 1e-6 px^2) so that nine coincident points
@@ -34,22 +33,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, clip_boxes_to_image, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from dyhead.modeling.backbone import BackboneWithFPN
-from dyhead.modeling.detectors.atss import _flatten, _tower
-from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
-from dyhead.modeling.detectors.fcos import make_points
-from dyhead.modeling.detectors.retinanet import head_init_std
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig
+from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, conv_tower, flatten_levels, head_init_std, make_points,
+                                              prior_bias, reduce_mean)
 from dyhead.ops import deform_conv2d
 
 IGNORE, BACKGROUND = -2, -1
 
 
 @dataclass(frozen=True)
-class RepPointsConfig:
-    num_classes: int = 80
+class RepPointsConfig(DenseConfig):
     num_points: int = 9
     tower_convs: int = 3
     tower_gn_groups: int = 32
@@ -62,13 +56,7 @@ class RepPointsConfig:
     smooth_l1_beta: float = 0.11
     init_loss_weight: float = 0.5
     refine_loss_weight: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    score_thresh: float = 0.05
-    pre_nms_topk: int = 1000
     nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    prior_prob: float = 0.01
 
 
 def _conv(cin: int, cout: int, k: int) -> nn.Conv2d:
@@ -106,17 +94,17 @@ class RepPointsHead(nn.Module):
     """Baseline: 3-conv GN towers for cls and points. DyHead (Fig. 2b): the blocks replace both
     towers; both stages and the classifier read the unified feature."""
 
-    def __init__(self, channels: int, cfg: RepPointsConfig, dyhead: DyHeadConfig | None, dcn_backend: str):
+    def __init__(self, channels: int, cfg: RepPointsConfig, dcn_backend: str, dyhead: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
-        convs = 0 if self.dyhead is not None else cfg.tower_convs
-        self.cls_tower = _tower(channels, convs, cfg.tower_gn_groups)
-        self.pts_tower = _tower(channels, convs, cfg.tower_gn_groups)
+        self.dyhead = dyhead
+        convs = 0 if dyhead is not None else cfg.tower_convs
+        self.cls_tower = conv_tower(channels, convs, cfg.tower_gn_groups)
+        self.pts_tower = conv_tower(channels, convs, cfg.tower_gn_groups)
         out_pts = 2 * cfg.num_points
         self.cls_dcn = DeformConv(channels, channels, dcn_backend)
         self.cls_out = _conv(channels, cfg.num_classes, 1)
-        nn.init.constant_(self.cls_out.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        nn.init.constant_(self.cls_out.bias, prior_bias(cfg.prior_prob))
         self.pts_init_conv = _conv(channels, channels, 3)
         self.pts_init_out = _conv(channels, out_pts, 1)
         self.pts_refine_dcn = DeformConv(channels, channels, dcn_backend)
@@ -198,22 +186,16 @@ def max_iou_assign(boxes: Tensor, gt_boxes: Tensor, pos_thresh: float, neg_thres
     return matched
 
 
-class RepPoints(Detector):
-    def __init__(self, backbone: BackboneWithFPN, cfg: RepPointsConfig, dyhead: DyHeadConfig | None,
-                 size_divisible: int, dcn_backend: str = "torchvision"):
-        super().__init__(size_divisible)
+class RepPoints(DenseDetector):
+    def __init__(self, backbone: nn.Module, cfg: RepPointsConfig, size_divisible: int, dcn_backend: str = "torchvision",
+                 dyhead: nn.Module | None = None):
+        super().__init__(backbone, RepPointsHead(backbone.out_channels, cfg, dcn_backend, dyhead), size_divisible)
         self.cfg = cfg
-        self.backbone = backbone
-        self.strides = backbone.strides
-        self.head = RepPointsHead(backbone.out_channels, cfg, dyhead, dcn_backend)
         self.moment_transfer = nn.Parameter(torch.zeros(2))
-
-    def network(self, batch: Tensor):
-        return self.head(self.backbone(batch))
 
     def _locations(self, outputs, batch: Tensor) -> tuple[Tensor, Tensor]:
         """Centres [P, 2] (x, y) and strides [P] of all locations, in (level, y, x) order."""
-        per_level = make_points([tuple(m.shape[-2:]) for m in outputs[0]], self.strides, batch.device)
+        per_level = self.grids(outputs, batch)
         strides = torch.cat([p.new_full((p.shape[0],), float(s)) for p, s in zip(per_level, self.strides)])
         return torch.cat(per_level), strides
 
@@ -229,9 +211,9 @@ class RepPoints(Detector):
     def losses(self, outputs, targets: list[dict], batch: Tensor) -> dict[str, Tensor]:
         cfg = self.cfg
         centres, strides = self._locations(outputs, batch)
-        logits = _flatten(outputs[0], cfg.num_classes)
-        init_boxes = self._boxes(self._absolute(_flatten(outputs[1], 2 * cfg.num_points), centres, strides))
-        refine_boxes = self._boxes(self._absolute(_flatten(outputs[2], 2 * cfg.num_points), centres, strides))
+        logits = flatten_levels(outputs[0], cfg.num_classes)
+        init_boxes = self._boxes(self._absolute(flatten_levels(outputs[1], 2 * cfg.num_points), centres, strides))
+        refine_boxes = self._boxes(self._absolute(flatten_levels(outputs[2], 2 * cfg.num_points), centres, strides))
         norm = cfg.point_base_scale * strides[:, None]
 
         cls_targets = torch.zeros_like(logits)
@@ -262,25 +244,23 @@ class RepPoints(Detector):
         return {"loss_cls": loss_cls, "loss_pts_init": cfg.init_loss_weight * loss_init,
                 "loss_pts_refine": cfg.refine_loss_weight * loss_refine}
 
-    @torch.no_grad()
-    def postprocess(self, outputs, sizes: list[tuple[int, int]], batch: Tensor) -> list[dict]:
-        logits, _, pts_refine = outputs
-        k = self.cfg.num_classes
+    def grids(self, outputs, batch: Tensor) -> list[Tensor]:
+        return make_points(self.level_sizes(outputs), self.strides, batch.device)
+
+    def level_inputs(self, outputs, batch: Tensor) -> list[Tensor]:
+        """Per level, every location's box from its refined points and its class scores, decoded for the whole
+        batch at once: [N, HW, 4 + K]."""
         centres, strides = self._locations(outputs, batch)
-        counts = [m.shape[-2] * m.shape[-1] for m in logits]
-        scores_all = _flatten(logits, k).sigmoid()
-        boxes_all = self._boxes(self._absolute(_flatten(pts_refine, 2 * self.cfg.num_points), centres, strides))
-        results = []
-        for i, (h, w) in enumerate(sizes):
-            sel_boxes, sel_scores, sel_labels = [], [], []
-            for scores, boxes in zip(scores_all[i].split(counts), boxes_all[i].split(counts)):
-                # mmdet: the top locations by their best class score, then the score threshold
-                if scores.shape[0] > self.cfg.pre_nms_topk:
-                    top = scores.max(dim=1).values.topk(self.cfg.pre_nms_topk).indices
-                    scores, boxes = scores[top], boxes[top]
-                loc, label = torch.where(scores > self.cfg.score_thresh)
-                sel_boxes.append(clip_boxes_to_image(boxes[loc], (h, w)))
-                sel_scores.append(scores[loc, label])
-                sel_labels.append(label)
-            results.append(nms_per_image(sel_boxes, sel_scores, sel_labels, self.cfg.nms_thresh, self.cfg.detections_per_img))
-        return results
+        boxes = self._boxes(self._absolute(flatten_levels(outputs[2], 2 * self.cfg.num_points), centres, strides))
+        scores = flatten_levels(outputs[0], self.cfg.num_classes).sigmoid()
+        counts = [m.shape[-2] * m.shape[-1] for m in outputs[0]]
+        return list(torch.cat([boxes, scores], dim=-1).split(counts, dim=1))
+
+    def level_candidates(self, outputs, grid: Tensor, image: int, level: int):
+        boxes, scores = grid[image, :, :4], grid[image, :, 4:]
+        # mmdet: the top locations by their best class score, then the score threshold
+        if scores.shape[0] > self.cfg.pre_nms_topk:
+            top = scores.max(dim=1).values.topk(self.cfg.pre_nms_topk).indices
+            scores, boxes = scores[top], boxes[top]
+        loc, label = torch.where(scores > self.cfg.score_thresh)
+        return boxes[loc], scores[loc, label], label

@@ -1,6 +1,6 @@
 """RetinaNet (Lin et al., ICCV 2017) with either its 4-conv towers or a DyHead head.
 
-Facts: ../shared/reference/detectors.md §1.2 and dyhead_spec.md §B.4. Nine anchors per location
+Follows torchvision's and detectron2's RetinaNet. Nine anchors per location
 on P3-P7: sizes 4 x stride x 2^{0, 1/3, 2/3} (32..512 x ... on COCO, torchvision's sizes without
 its integer rounding) times aspect ratios h/w of 0.5, 1, 2, centred at i * stride (offset 0, as
 torchvision and detectron2). Max-IoU matching at 0.5 / 0.4 with low-quality matches; anchors in
@@ -10,7 +10,7 @@ instead normalises per image, which weighs an image with one object like one wit
 
 DyHead placements (`placement`): ``paper`` (Fig. 2b, the default) -- the blocks replace both towers and
 the predictors read the one unified feature; ``official`` -- microsoft/DynamicHead's RetinaNet config,
-which leaves detectron2's default 4-conv cls and box towers on top of the blocks (dyhead_spec.md §B.4).
+which leaves detectron2's default 4-conv cls and box towers on top of the blocks.
 """
 from __future__ import annotations
 
@@ -21,46 +21,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder, Matcher
-from torchvision.ops import box_iou, clip_boxes_to_image, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from dyhead.modeling.backbone import BackboneWithFPN
-from dyhead.modeling.detectors.base import Detector, nms_per_image, reduce_mean
-from dyhead.modeling.dyhead import DyHead, DyHeadConfig, check_placement
-
+from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, flatten_levels, head_init_std, init_predictors,
+                                              reduce_mean, top_candidates)
+from dyhead.modeling.dyhead import check_placement
 
 
 @dataclass(frozen=True)
-class RetinaNetConfig:
-    num_classes: int = 80
+class RetinaNetConfig(DenseConfig):
     anchor_scale: float = 4.0  # the smallest anchor of a level is 4 strides (32 px on P3)
     scales_per_octave: int = 3
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     fg_iou_thresh: float = 0.5
     bg_iou_thresh: float = 0.4
     tower_convs: int = 4  # baseline head; a DyHead head has no towers
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    score_thresh: float = 0.05
-    pre_nms_topk: int = 1000
     nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    prior_prob: float = 0.01
     tower_init: str = "paper"  # "paper": normal(0, 0.01) at 256 channels (width-scaled); "gain": He init
     placement: str = "paper"  # with DyHead: "paper" drops the towers, "official" keeps them on top
 
     @property
     def num_anchors(self) -> int:
         return self.scales_per_octave * len(self.aspect_ratios)
-
-
-def head_init_std(channels: int) -> float:
-    """normal(0, 0.01) at the paper's 256 channels, scaled by sqrt(256 / C) for narrower heads.
-
-    Without a norm layer between them, each conv scales the signal by about std * sqrt(k * k * C): at
-    0.01 and 32 channels (the mini profile) a 4-conv RetinaNet tower passes ~1e-3 of its input and the
-    head does not train. The scaling keeps the 256-channel per-layer gain at any width.
-    """
-    return 0.01 * math.sqrt(256 / channels)
 
 
 def plain_tower(channels: int, convs: int, init: str = "paper") -> nn.Sequential:
@@ -87,19 +69,16 @@ class RetinaNetHead(nn.Module):
     """Baseline: separate cls and box towers. DyHead (Fig. 2b): the blocks replace both towers and
     the two predictors read the one unified feature; the official placement keeps the towers after them."""
 
-    def __init__(self, channels: int, cfg: RetinaNetConfig, dyhead: DyHeadConfig | None):
+    def __init__(self, channels: int, cfg: RetinaNetConfig, dyhead: nn.Module | None = None):
         super().__init__()
         check_placement(cfg.placement)
-        self.dyhead = DyHead(dyhead) if dyhead is not None and dyhead.blocks > 0 else None
-        convs = 0 if self.dyhead is not None and cfg.placement == "paper" else cfg.tower_convs
+        self.dyhead = dyhead
+        convs = 0 if dyhead is not None and cfg.placement == "paper" else cfg.tower_convs
         self.cls_tower = plain_tower(channels, convs, cfg.tower_init)
         self.reg_tower = plain_tower(channels, convs, cfg.tower_init)
         self.cls_logits = nn.Conv2d(channels, cfg.num_anchors * cfg.num_classes, 3, 1, 1)
         self.bbox_pred = nn.Conv2d(channels, cfg.num_anchors * 4, 3, 1, 1)
-        for conv in (self.cls_logits, self.bbox_pred):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
+        init_predictors((self.cls_logits, self.bbox_pred), self.cls_logits, cfg.prior_prob)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         if self.dyhead is not None:
@@ -127,15 +106,6 @@ def make_anchors(sizes: list[tuple[int, int]], strides: list[int], cfg: RetinaNe
     return anchors
 
 
-def flatten_anchor_maps(maps: list[Tensor], channels: int) -> Tensor:
-    """[N, A * C, H, W] per level -> [N, sum H W A, C] in (level, y, x, anchor) order."""
-    out = []
-    for m in maps:
-        n, _, h, w = m.shape
-        out.append(m.view(n, -1, channels, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, channels))
-    return torch.cat(out, dim=1)
-
-
 def match_anchors(matcher: Matcher, anchors: Tensor, gt_boxes: Tensor) -> Tensor:
     """Matched box index per anchor; Matcher.BELOW_LOW_THRESHOLD (-1) background, BETWEEN (-2) ignored."""
     if gt_boxes.numel() == 0:  # torchvision's Matcher refuses an empty image: all background
@@ -143,27 +113,21 @@ def match_anchors(matcher: Matcher, anchors: Tensor, gt_boxes: Tensor) -> Tensor
     return matcher(box_iou(gt_boxes, anchors))
 
 
-class RetinaNet(Detector):
-    def __init__(self, backbone: BackboneWithFPN, cfg: RetinaNetConfig, dyhead: DyHeadConfig | None,
-                 size_divisible: int):
-        super().__init__(size_divisible)
+class RetinaNet(DenseDetector):
+    def __init__(self, backbone: nn.Module, cfg: RetinaNetConfig, size_divisible: int,
+                 dyhead: nn.Module | None = None):
+        super().__init__(backbone, RetinaNetHead(backbone.out_channels, cfg, dyhead), size_divisible)
         self.cfg = cfg
-        self.backbone = backbone
-        self.strides = backbone.strides
-        self.head = RetinaNetHead(backbone.out_channels, cfg, dyhead)
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.matcher = Matcher(cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=True)
 
-    def network(self, batch: Tensor):
-        return self.head(self.backbone(batch))
-
-    def _anchors(self, outputs, batch: Tensor) -> list[Tensor]:
-        return make_anchors([tuple(m.shape[-2:]) for m in outputs[0]], self.strides, self.cfg, batch.device)
+    def grids(self, outputs, batch: Tensor) -> list[Tensor]:
+        return make_anchors(self.level_sizes(outputs), self.strides, self.cfg, batch.device)
 
     def losses(self, outputs, targets: list[dict], batch: Tensor) -> dict[str, Tensor]:
-        anchors = torch.cat(self._anchors(outputs, batch))
-        logits = flatten_anchor_maps(outputs[0], self.cfg.num_classes)
-        deltas = flatten_anchor_maps(outputs[1], 4)
+        anchors = torch.cat(self.grids(outputs, batch))
+        logits = flatten_levels(outputs[0], self.cfg.num_classes)
+        deltas = flatten_levels(outputs[1], 4)
 
         cls_targets = torch.zeros_like(logits)
         valid, fg, box_targets = [], [], []
@@ -182,23 +146,9 @@ class RetinaNet(Detector):
         loss_box = F.l1_loss(deltas[fg], torch.cat(box_targets), reduction="sum") / num_pos
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
-    @torch.no_grad()
-    def postprocess(self, outputs, sizes: list[tuple[int, int]], batch: Tensor) -> list[dict]:
-        logits, deltas = outputs
-        k = self.cfg.num_classes
-        anchors_per_level = self._anchors(outputs, batch)
-        results = []
-        for i, (h, w) in enumerate(sizes):
-            boxes_all, scores_all, labels_all = [], [], []
-            for lvl, anchors in enumerate(anchors_per_level):
-                scores = flatten_anchor_maps([logits[lvl][i : i + 1]], k)[0].sigmoid().flatten()
-                keep = torch.where(scores > self.cfg.score_thresh)[0]
-                scores, top = scores[keep].topk(min(self.cfg.pre_nms_topk, keep.numel()))
-                idx = keep[top]
-                loc, label = idx // k, idx % k
-                d = flatten_anchor_maps([deltas[lvl][i : i + 1]], 4)[0][loc]
-                boxes_all.append(clip_boxes_to_image(self.box_coder.decode_single(d, anchors[loc]), (h, w)))
-                scores_all.append(scores)
-                labels_all.append(label)
-            results.append(nms_per_image(boxes_all, scores_all, labels_all, self.cfg.nms_thresh, self.cfg.detections_per_img))
-        return results
+    def level_candidates(self, outputs, grid: Tensor, image: int, level: int):
+        logits, deltas = (o[level][image : image + 1] for o in outputs)
+        scores = flatten_levels([logits], self.cfg.num_classes)[0].sigmoid()  # [H W A, K]
+        scores, loc, labels = top_candidates(scores, scores > self.cfg.score_thresh, self.cfg.pre_nms_topk)
+        d = flatten_levels([deltas], 4)[0][loc]
+        return self.box_coder.decode_single(d, grid[loc]), scores, labels

@@ -1,0 +1,87 @@
+"""What the test modules share: running the project's commands as a user does, and reading their output.
+
+Test modules import from here (and fixtures come from conftest.py), never from each other.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*cmd, cwd, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """A command in `cwd`; with `check`, a failure raises with the end of its output."""
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed (rc {proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def dyhead(*args, cwd, check: bool = True, nproc: int = 1, **kw) -> subprocess.CompletedProcess:
+    """`dyhead ARGS`, or the same under `torchrun --standalone --nproc_per_node N`."""
+    launch = [sys.executable, "-m", "dyhead.cli"]
+    if nproc > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                  "-m", "dyhead.cli"]
+    return run(*launch, *args, cwd=cwd, check=check, **kw)
+
+
+def snakemake(*args, cwd, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", "snakemake", *args, cwd=cwd, check=check, **kw)
+
+
+def dvc(*args, cwd, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return run(sys.executable, "-m", "dvc", *args, cwd=cwd, check=check, **kw)
+
+
+def dry_run_jobs(text: str) -> list[dict]:
+    """The job blocks of `snakemake -n -p`: rule, input, wildcards, resources, shell command."""
+    jobs, job = [], None
+    for line in text.splitlines():
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            job = {"rule": line.split()[1].rstrip(":"), "input": "", "wildcards": "", "resources": {}, "shell": ""}
+            jobs.append(job)
+        elif job is not None and line.startswith("    input: "):
+            job["input"] = line.split(": ", 1)[1]
+        elif job is not None and line.startswith("    wildcards: "):
+            job["wildcards"] = line.split(": ", 1)[1]
+        elif job is not None and line.startswith("    resources: "):
+            job["resources"] = dict(kv.split("=", 1) for kv in line.split(": ", 1)[1].split(", "))
+        elif job is not None and line.startswith("Shell command: "):
+            job["shell"] = line.removeprefix("Shell command: ")
+    return jobs
+
+
+def dvc_stages(root: Path) -> dict[str, str]:
+    """Stage name -> command, as DVC itself expands dvc.yaml (foreach included)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return {stage.addressing: stage.cmd for stage in repo.index.stages}
+
+
+def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str, str]:
+    """Job -> command of a full dry run, named as dvc.yaml names its stages; without `2>&1 | tee log`."""
+    # --cores: a dry run otherwise caps every job's threads at 1
+    proc = snakemake(*targets, "-n", "-p", "-F", "--cores", "1024", "--config", f"profile={profile}", cwd=root)
+    names = {}
+    for job in dry_run_jobs(proc.stdout + proc.stderr):
+        if job["rule"] == "all":
+            continue
+        wildcards = dict(w.split("=", 1) for w in job["wildcards"].split(", ") if w)
+        if job["rule"] == "report":
+            name = f"report-{wildcards['table']}"
+        elif "exp" in wildcards:
+            name = f"{job['rule']}@{wildcards['exp']}"
+        elif job["rule"] == "fetch_weights":
+            name = f"fetch_weights@{wildcards['file']}"
+        elif job["rule"] == "pretrain":
+            name = f"pretrain@{wildcards['backbone']}"
+        else:
+            name = job["rule"]
+        names[name] = re.sub(r"\s+", " ", re.sub(r" 2>&1 \| tee \S+$", "", job["shell"])).strip()
+    return names
