@@ -35,6 +35,21 @@ def cmd_synth(args) -> None:
         raise DyheadError(f"profile {args.profile} reads {data['source']} data; `dyhead synth` makes synthetic data")
     summary = make_synthetic_coco(Path(data["root"]), **data["synthetic"])
     print(f"synthetic data in {data['root']}: {summary}")
+    check_profile_images(data, ("train", "val"))
+
+
+def check_profile_images(data: dict, splits) -> None:
+    from dyhead.data.check import check_images
+
+    for split in splits:
+        check_images(Path(data[f"{split}_images"]), Path(data[f"{split}_annotations"]))
+
+
+def cmd_check_data(args) -> None:
+    from dyhead.config import load_profile
+
+    data = load_profile(args.profile)["data"]
+    check_profile_images(data, ("train", "val") if args.split == "all" else (args.split,))
 
 
 def cmd_train(args) -> None:
@@ -42,7 +57,7 @@ def cmd_train(args) -> None:
     from dyhead.engine.train import train
 
     train(resolve(args.experiment, args.profile), threads=args.threads, backend=args.dcn_backend,
-          stop_at=args.stop_at)
+          stop_at=args.stop_at, force=args.force)
 
 
 def cmd_evaluate(args) -> None:
@@ -197,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_arg(p)
     _runtime_args(p)
     p.add_argument("--stop-at", type=int, help="stop after this iteration without finishing (for tests)")
+    p.add_argument("--force", action="store_true",
+                   help="train again even if model_final.pth exists (its results, e.g. metrics.json, are removed)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="predict on the validation set; write predictions.json and metrics.json")
@@ -228,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", help="comma-separated subset of train,val,test,annotations,test-info (default: all)")
     p.add_argument("--keep-archives", action="store_true", help="keep the zips under <root>/archives/")
     p.set_defaults(func=cmd_fetch_coco)
+
+    p = sub.add_parser("check-data", help="open every image of the profile's splits once (with progress): a missing "
+                       "or broken file is named now, not when its batch comes")
+    _profile_arg(p)
+    p.add_argument("--split", choices=["train", "val", "all"], default="all")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("fetch-weights", help="download torchvision's ImageNet weights of the backbones into data/weights/")
     p.add_argument("arch", nargs="*", help="r50 | r101 | x101 (default: those the profile's backbones load)")
@@ -293,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dyhead list | head`: the reader left; silence the flush at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # the disk, the filesystem, permissions: one line naming the file
+        from dyhead.files import os_error
+
+        print(f"dyhead: error: {os_error(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

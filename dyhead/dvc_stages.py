@@ -82,7 +82,8 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
     else:
         annotations = [data[k] for k in ("train_annotations", "val_annotations", "test_annotations") if k in data]
         # 26 GB of images are fetched and verified in place, never copied into the DVC cache
-        stages["fetch_coco"] = {"cmd": f"dyhead fetch-coco --profile {profile_name}", "params": [{pfile: ["data"]}],
+        cmd = f"(dyhead fetch-coco --profile {profile_name} && dyhead check-data --profile {profile_name})"
+        stages["fetch_coco"] = {"cmd": cmd, "params": [{pfile: ["data"]}],
                                 "outs": [{p: Inline(cache=False, persist=True)}
                                          for p in annotations + [f"{data['root']}/fetch.json"]]}
         data_deps = [f"{data['root']}/fetch.json"]

@@ -96,18 +96,37 @@ def atomic_write(path: Path, write) -> None:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise os_error(exc, path) from None
+    except RuntimeError as exc:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        if "write" not in str(exc).lower():
+            raise
+        free = _free_bytes(path.parent)
+        raise DyheadError(f"{path}: writing failed ({str(exc).splitlines()[0][:120]}); {free} left on the device"
+                          if free is not None else f"{path}: writing failed ({str(exc).splitlines()[0][:120]})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def os_error(exc: OSError, path: Path) -> DyheadError:
-    """An OS error while writing `path`, as one line that says what to do."""
+def _free_bytes(directory: Path) -> str | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    return f"{free / 2**20:.1f} MiB" if free < 2**30 else f"{free / 2**30:.1f} GiB"
+
+
+def os_error(exc: OSError, path: Path | str | None = None) -> DyheadError:
+    """An OS error (while writing `path`, or wherever `exc` names) as one line that says what to do."""
+    path = path or exc.filename or "(unknown file)"
     if exc.errno == errno.ENOSPC:
         return DyheadError(f"{path}: no space left on the device; free some and run the same command again")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return DyheadError(f"{path}: not writable ({exc.strerror})")
-    return DyheadError(f"{path}: cannot write ({exc.strerror or exc})")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return DyheadError(f"{path}: a file stands where a directory is needed ({exc.strerror})")
+    return DyheadError(f"{path}: {exc.strerror or exc}")
 
 
 def save_json(path: Path, data) -> None:
@@ -143,8 +162,9 @@ def load_json(path: Path, expect: type | None = None):
     return data
 
 
-def load_torch(path: Path, what: str = "checkpoint") -> dict:
-    """A file written by `save_torch`: tensors and plain containers only (no code is unpickled)."""
+def load_torch(path: Path, what: str = "checkpoint", fix: str = "delete it and run the same command again") -> dict:
+    """A file written by `save_torch`: tensors and plain containers only (no code is unpickled). `fix` says
+    what to do when the file is truncated or corrupt."""
     import pickle
 
     import torch
@@ -159,8 +179,7 @@ def load_torch(path: Path, what: str = "checkpoint") -> dict:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise DyheadError(f"{path}: refused to load: the {what} holds objects other than tensors and plain "
                               "data (it was not written by dyhead, or was tampered with)") from None
-        raise DyheadError(f"{path}: cannot read {what} ({first}); delete it and run the same command again") from None
+        raise DyheadError(f"{path}: cannot read {what} ({first}); {fix}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise DyheadError(f"{path}: cannot read {what}, truncated or corrupt ({first}); "
-                          "delete it and run the same command again") from None
+        raise DyheadError(f"{path}: cannot read {what}, truncated or corrupt ({first}); {fix}") from None

@@ -24,3 +24,20 @@ def dvc_repo(repo_copy):
     shutil.copy(REPO / ".dvcignore", repo_copy / ".dvcignore")
     run("git", "init", "-q", cwd=repo_copy)
     return repo_copy
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault-injection tally (tests/test_faults.py): kills injected, where, and how many landed mid-run."""
+    from tests.helpers import FAULTS
+
+    if not FAULTS:
+        return
+    steps: dict = {}
+    for f in FAULTS:
+        s = steps.setdefault(f["step"], {"kills": 0, "landed": 0, "at": []})
+        s["kills"] += 1
+        s["landed"] += f["landed"]
+        s["at"].append(f["at_seconds"])
+    terminalreporter.section("fault injection")
+    for step, s in steps.items():
+        terminalreporter.write_line(f"{step}: {s['kills']} kill(s), {s['landed']} landed mid-run, at {s['at']} s")

@@ -85,3 +85,7 @@ def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str
             name = job["rule"]
         names[name] = re.sub(r"\s+", " ", re.sub(r" 2>&1 \| tee \S+$", "", job["shell"])).strip()
     return names
+
+
+# Kills injected by tests/test_faults.py: {"step", "at_seconds", "landed"}; conftest prints the tally.
+FAULTS: list[dict] = []

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dyhead.errors import DyheadError
+from dyhead.errors import DyheadError, warn
 
 
 def _load_annotations(ann_file: Path) -> dict:
@@ -57,6 +57,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
         boxes: dict[int, list] = {i: [] for i in images}
         labels: dict[int, list] = {i: [] for i in images}
+        dropped = 0
         for ann in data["annotations"]:
             aid = ann.get("id") if isinstance(ann, dict) else None
             try:
@@ -76,9 +77,13 @@ class CocoDetection(torch.utils.data.Dataset):
             x2, y2 = min(x + w, float(width)), min(y + h, float(height))
             # degenerate (non-finite, or <= 1 px wide/high inside the image): would poison the losses
             if not all(map(math.isfinite, (x, y, w, h))) or x2 - x1 <= 1 or y2 - y1 <= 1:
+                dropped += 1
                 continue
             boxes[image_id].append((x1, y1, x2, y2))
             labels[image_id].append(self._cat_to_label[cat])
+        if dropped:
+            warn(f"{self.ann_file}: {dropped} of {len(data['annotations'])} boxes ignored (negative, non-finite, "
+                 "1 px or less, or outside the image)")
 
         # validated above, so pycocotools (kept for COCOeval) cannot trip over the file
         self.coco = COCO()

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -228,6 +229,8 @@ def extract_zip(archive: Path, dest: Path, log=print) -> list[str]:
             members = zf.infolist()
             for m in members:
                 _member_path(m.filename, archive)
+                if stat.S_ISLNK(m.external_attr >> 16):  # zipfile would write the link's target as a file's text
+                    raise DyheadError(f"{archive}: refusing to extract the symbolic link member {m.filename!r}")
             log(f"{archive.name}: extracting {len(members)} entries into {dest}")
             progress = Progress(f"{archive.name}: extract", sum(m.file_size for m in members), log=log, every=30.0)
             for m in members:

@@ -132,6 +132,15 @@ def gather_predictions(results: list[dict], shard_image_ids: list[int], all_ids:
     return merge_shards([g[0] for g in gathered], [g[1] for g in gathered], all_ids)
 
 
+def broadcast(obj, ctx: Dist):
+    """Rank 0's `obj` on every rank (a decision all ranks must share); `obj` itself in a single process."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gpu_report(expected: int) -> tuple[str, int]:
     """What a job sees (device count, CUDA_VISIBLE_DEVICES, `nvidia-smi -L`) as text, and the count."""
     count = torch.cuda.device_count()

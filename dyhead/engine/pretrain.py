@@ -12,6 +12,8 @@ pycocotools' index and PIL.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import time
 from pathlib import Path
@@ -37,7 +39,8 @@ HELD_OUT = 0.1  # fraction of the crops kept aside to report accuracy (from the 
 def object_crops(images_dir: str, annotations: str, cfg: dict) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Every non-crowd box of at least `min_box` px, grown by `context` on each side, as normalised
     [N, 3, S, S] crops with contiguous labels (category ids in sorted order)."""
-    coco = COCO(annotations)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco = COCO(annotations)
     cat_ids = sorted(coco.getCatIds())
     label_of = {c: i for i, c in enumerate(cat_ids)}
     size, ctx = cfg["crop_size"], cfg["context"]

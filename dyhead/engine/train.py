@@ -11,8 +11,11 @@ run resumed from its last checkpoint ends with the same weights as an uninterrup
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -27,11 +30,14 @@ from dyhead.engine import distributed, runtime
 from dyhead.engine.inference import final_weights
 from dyhead.engine.tracking import NullTracker, Tracker, flat_params
 from dyhead.errors import DyheadError
-from dyhead.files import load_torch, save_json, save_text, save_torch
+from dyhead.files import clean_leftovers, load_json, load_torch, save_json, save_text, save_torch
 from dyhead.modeling.build import build_detector
 
 CHECKPOINT = "checkpoints/last.pth"
 LOG = "log.jsonl"
+LOCK = ".train.lock"
+# made from model_final.pth: stale once the experiment trains again
+RESULTS = ("metrics.json", "predictions.json", "metrics_tta.json", "predictions_tta.json", "diagnose.json")
 
 
 def lr_at(iteration: int, solver: dict, max_iter: int) -> float:
@@ -67,7 +73,8 @@ def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log) -> tuple[int,
     """Load the last checkpoint if there is one: (iteration to start from, seconds already spent)."""
     if not ckpt_path.exists():
         return 0, 0.0
-    ckpt = load_torch(ckpt_path, "training checkpoint")
+    ckpt = load_torch(ckpt_path, "training checkpoint",
+                      fix="delete it to restart the training from iteration 0, or restore an intact copy")
     if not isinstance(ckpt, dict) or ckpt.get("digest") != run.digest:
         raise DyheadError(f"{ckpt_path}: written with other settings than {run.experiment} now has; "
                           "delete it to start over")
@@ -98,14 +105,74 @@ def trim_log(path: Path, iteration: int) -> None:
 
 
 def open_tracker(run: RunConfig, ctx, start: int, backend: str):
-    """Rank 0 alone writes files and talks to MLflow."""
+    """Rank 0 alone writes files and talks to MLflow. A training that starts from iteration 0 opens a new
+    MLflow run: the FLOPs counted before it (flops.json; they depend on the settings, not the weights) are
+    logged into it again, so no run loses them."""
     if not ctx.is_main:
         return NullTracker()
     trim_log(run.run_dir / LOG, start)
     tracker = Tracker.for_run(run, stage="train", resumed=start > 0,
                               tags={"dcn_backend": backend, "world_size": ctx.world_size})
     tracker.log_params(flat_params(run.to_dict()))
+    flops = run.run_dir / "flops.json"
+    if start == 0 and flops.exists():
+        record = load_json(flops, dict)
+        tracker.log_metrics({f"gmacs_{k}": v["gmacs"] for k, v in record.items()
+                             if isinstance(v, dict) and "gmacs" in v}, step=0)
+        tracker.log_artifact(flops)
     return tracker
+
+
+@contextlib.contextmanager
+def training_lock(run: RunConfig, ctx, log):
+    """One process trains an experiment at a time (a rerun after a killed Snakemake may find the killed run's
+    orphaned training still going): a second waits for the first, then finds its result. Rank 0 holds it."""
+    if not ctx.is_main:
+        yield
+        return
+    path = run.run_dir / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            log(f"[{run.experiment}] {holder} is training this experiment ({path}); waiting for it to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+
+
+def trained_already(run: RunConfig, force: bool) -> dict | None:
+    """The summary of a finished training with the same settings (nothing to do), None to train. A finished
+    training with other settings is refused unless `force`; training again removes the old results."""
+    final, summary = final_weights(run), run.run_dir / "train.json"
+    if final.exists() and not force:
+        digest = load_torch(final, "model").get("digest")
+        if digest == run.digest and summary.exists():
+            return load_json(summary, dict)
+        raise DyheadError(f"{final}: trained {'with other settings' if digest else 'by an older version'} than "
+                          f"{run.experiment} now has; `dyhead train {run.experiment} --profile {run.profile_name} "
+                          "--force` trains it again and removes its results")
+    return None
+
+
+def remove_stale(run: RunConfig, log) -> None:
+    """A new model is on its way (a training from iteration 0, or --force): what was made from the old one goes."""
+    stale = [run.run_dir / name for name in ("model_final.pth", "train.json") + RESULTS]
+    stale = [p for p in stale if p.exists()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        log(f"[{run.experiment}] removed the previous model's {', '.join(p.name for p in stale)}")
 
 
 @dataclass
@@ -129,7 +196,8 @@ class Training:
 
 
 def setup(run: RunConfig, rt: runtime.Runtime) -> Training:
-    """Data, model, optimizer; the last checkpoint loaded if there is one; the MLflow run opened."""
+    """Data, model, optimizer; the last checkpoint loaded if there is one (stale results removed if not);
+    the MLflow run opened."""
     solver = run.profile["solver"]
     dataset = runtime.make_dataset(run, train=True)
     if len(dataset) == 0:
@@ -141,6 +209,8 @@ def setup(run: RunConfig, rt: runtime.Runtime) -> Training:
     optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],
                                 weight_decay=solver["weight_decay"])
     start, elapsed_before = resume(run.run_dir / CHECKPOINT, run, model, optimizer, rt.log)
+    if start == 0 and rt.ctx.is_main:
+        remove_stale(run, rt.log)
     tracker = open_tracker(run, rt.ctx, start, rt.backend)
     return Training(run, rt, dataset, model, net, params, optimizer, start, elapsed_before, tracker)
 
@@ -204,11 +274,23 @@ def save_checkpoint(t: Training, done: int, elapsed: float) -> None:
 
 
 def train(run: RunConfig, *, threads: int | None = None, backend: str | None = None, stop_at: int | None = None,
-          log=print) -> dict:
+          force: bool = False, log=print) -> dict:
     """Train `run` into run.run_dir; resumes from the last checkpoint there. Returns the summary."""
     if stop_at is not None and stop_at < 1:
         raise DyheadError(f"--stop-at {stop_at}: must be an iteration >= 1")
     rt = runtime.start(run, threads, backend, log)  # under torchrun: join the process group, one GPU per rank
+    with training_lock(run, rt.ctx, rt.log):
+        done = distributed.broadcast(trained_already(run, force) if rt.ctx.is_main else None, rt.ctx)
+        if done is not None:
+            rt.log(f"[{run.experiment}] already trained with these settings ({final_weights(run)}); nothing to do "
+                   "(--force trains it again)")
+            return done
+        if force and rt.ctx.is_main:
+            remove_stale(run, rt.log)
+        return _train(run, rt, stop_at)
+
+
+def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
     t = setup(run, rt)
     solver, max_iter = run.profile["solver"], run.max_iter
     end = min(max_iter, stop_at) if stop_at is not None else max_iter
@@ -246,6 +328,7 @@ def finish(t: Training, elapsed: float, last_losses: dict) -> dict:
     save_torch(final_weights(run), {
         "model": t.model.state_dict(), "experiment": run.experiment, "profile": run.profile_name,
         "category_ids": t.dataset.category_ids, "config": run.to_dict(), "dcn_backend": rt.backend,
+        "digest": run.digest,
     })
     summary = {
         "experiment": run.experiment, "profile": run.profile_name, "iterations": run.max_iter,
@@ -258,6 +341,7 @@ def finish(t: Training, elapsed: float, last_losses: dict) -> dict:
     }
     save_json(out / "train.json", summary)
     t.ckpt_path.unlink(missing_ok=True)
+    clean_leftovers(t.ckpt_path)  # a kill while a checkpoint was written leaves its temporary file
     t.tracker.log_artifact(out / "train.json")
     t.tracker.finish("FINISHED")
     rt.log(f"[{run.experiment}] done in {runtime.fmt_duration(elapsed)}, peak memory {summary['peak_rss_mb']:.0f} MB "

@@ -2,12 +2,15 @@
 # Only the small files are declared outputs: Snakemake deletes a job's outputs before re-running it
 # and after a failure, which must never happen to 26 GB of images. The fetch itself skips what is
 # in place (fetch.json, per-archive markers under .fetch/).
+import shlex
+
 from dyhead.modeling.pretrained import IMAGENET, arch_of_file
 
 
 def _flags(**options):
-    """' --name value' for each option set in the Snakemake config (none by default)."""
-    return "".join(f" --{name.replace('_', '-')} {value}" for name, value in options.items() if value)
+    """' --name value' for each option set in the Snakemake config (none by default), each value quoted for the
+    shell: a path with a space stays one argument and a ';' starts no second command."""
+    return "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}" for name, value in options.items() if value)
 
 
 if DATA["source"] == "coco":
@@ -24,7 +27,8 @@ if DATA["source"] == "coco":
         resources:
             downloads=1,
         shell:
-            "dyhead fetch-coco --profile {params.profile}{params.extra} 2>&1 | tee {log}"
+            "(dyhead fetch-coco --profile {params.profile}{params.extra}"
+            " && dyhead check-data --profile {params.profile}) 2>&1 | tee {log}"
 
     rule testdev:
         # Not needed by the tables (ours are on val2017); the upload file for the COCO server.
