@@ -256,7 +256,7 @@ def test_slurm_profile_with_two_nodes_runs_one_training_over_both(repo_copy):
     assert "--cpus-per-task=64" in sbatch and "ntasks-per-gpu" not in sbatch
 
     # a GPU count that does not split over the nodes stops Snakemake before any job, in one line
-    _set_train_resources(repo_copy, nodes=2, gpu=12 + 3)
+    _set_train_resources(repo_copy, nodes=2, gpu=15)
     proc = _slurm_dry_run(repo_copy, check=False)
     assert proc.returncode != 0
     assert "dyhead: error: set-resources train: nodes 2" in proc.stderr and "here 15" in proc.stderr

@@ -1,7 +1,6 @@
 """The launcher `dyhead train|evaluate --processes ...`: how many processes, torchrun's options, one-line
 errors, and one training over two nodes (two torchrun agents joined by a c10d rendezvous on 127.0.0.1)."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -116,8 +115,8 @@ def test_two_agents_over_a_c10d_rendezvous_match_one_agent_with_two_processes(re
     port = _free_port()
     agent = [sys.executable, "-m", "dyhead.cli", "train", EXP, "--profile", "two-agents", "--processes", "1",
              "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test-job", *common]
-    agents = [subprocess.Popen(agent, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=os.environ.copy()) for _ in range(2)]
+    agents = [subprocess.Popen(agent, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
     outputs = [a.communicate(timeout=600)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert all("--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:" in o for o in outputs)
