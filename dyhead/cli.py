@@ -25,6 +25,30 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="deformable-conv implementation (default: the profile's runtime.dcn_backend)")
 
 
+def _launch_args(p: argparse.ArgumentParser) -> None:
+    from dyhead.engine.launch import PROCESSES_ENV, processes_arg
+
+    p.add_argument("--processes", type=processes_arg, default="1", metavar="auto|N",
+                   help=f"processes on this node (default 1); more re-run the command under torchrun. auto: "
+                        f"${PROCESSES_ENV} if set, else one per visible GPU when the profile runs on CUDA, else 1")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="nodes of one job, one launcher per node (srun): torchrun's c10d rendezvous joins them")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nnodes > 1: the rendezvous on the first node")
+    p.add_argument("--rdzv-id", help="with --nnodes > 1: the job's id, the same on every node "
+                   "(default: $SLURM_JOB_ID)")
+
+
+def _launch(args, run) -> None:
+    """Returns in the process that runs the stage; with more than one process in all, torchrun replaces
+    this one and runs the same arguments in each worker."""
+    from dyhead.engine.launch import check_batch, plan, relaunch
+
+    launch = plan(args.processes, run.profile["runtime"]["device"], args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+    if args.command == "train":
+        check_batch(run.profile["solver"]["batch_size"], launch, f"params/profiles/{run.profile_name}.yaml")
+    relaunch(launch, args.argv)
+
+
 def cmd_synth(args) -> None:
     from dyhead.config import load_profile
     from dyhead.data.synthetic import make_synthetic_coco
@@ -54,16 +78,19 @@ def cmd_check_data(args) -> None:
 
 def cmd_train(args) -> None:
     from dyhead.config import resolve
-    from dyhead.engine.train import train
 
-    train(resolve(args.experiment, args.profile), threads=args.threads, backend=args.dcn_backend,
-          stop_at=args.stop_at, force=args.force)
+    run = resolve(args.experiment, args.profile)
+    _launch(args, run)
+    from dyhead.engine.train import train  # after the launch: a launcher that hands over to torchrun never loads it
+
+    train(run, threads=args.threads, backend=args.dcn_backend, stop_at=args.stop_at, force=args.force)
 
 
 def cmd_evaluate(args) -> None:
     from dyhead.config import resolve
 
     run = resolve(args.experiment, args.profile)
+    _launch(args, run)
     if args.split == "test-dev":  # no public labels: write the server's upload zip
         from dyhead.engine.testdev import predict_testdev
 
@@ -211,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
     _profile_arg(p)
     _runtime_args(p)
+    _launch_args(p)
     p.add_argument("--stop-at", type=int, help="stop after this iteration without finishing (for tests)")
     p.add_argument("--force", action="store_true",
                    help="train again even if model_final.pth exists (its results, e.g. metrics.json, are removed)")
@@ -224,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation (the profile's tta scales + flips): *_tta.json outputs")
     p.add_argument("--split", choices=["val", "test-dev"], default="val",
                    help="test-dev (coco profile): write detections_test-dev2017_<name>_results.zip for the COCO server")
+    _launch_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("diagnose", help="per head stage: each loss's gradient and a linear class probe (why a "
@@ -305,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return build.main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv  # train and evaluate re-run themselves under torchrun with these
     try:
         args.func(args)
     except DyheadError as exc:

@@ -8,8 +8,10 @@ schedules it (locally, on SLURM), DVC versions what it makes. Stages, for one pr
                                                           of the tables that report them)
   report-<table>                                          per table (DVC cannot template dep lists)
 The commands are the Snakemake rules' shell commands without their `2>&1 | tee <log>` (a test
-compares them job by job). Checkpoints and predictions are cached outs, pushed to the remote;
-metrics.json and flops.json are uncached `metrics`; train.json and the reports uncached outs.
+compares them job by job). Trainings and evaluations say `--processes auto` (dyhead/engine/launch.py):
+on a node with GPUs and a CUDA profile each runs one torchrun over all of them, on CPU one process.
+Checkpoints and predictions are cached outs, pushed to the remote; metrics.json and flops.json are
+uncached `metrics`; train.json and the reports uncached outs.
 
 Each experiment stage tracks the params it reads, and only those, so a changed hyperparameter
 re-runs exactly the experiments it touches: its own entry `experiments.<id>`, and of the profile
@@ -27,10 +29,12 @@ from dyhead.errors import DyheadError
 HEADER = """\
 # Generated from params/ by `dyhead dvc-yaml --profile {profile}`: do not edit, regenerate.
 # Same experiments and commands as the Snakefile (tests/test_dvc.py checks); `dvc repro` runs them
-# one after another on this machine, Snakemake runs them in parallel or on SLURM (docs/cluster.md).
+# one after another on this machine, each training and evaluation on every GPU the machine shows
+# (--processes auto); Snakemake runs them in parallel or on SLURM (docs/cluster.md).
 """
 CODE = ["dyhead/modeling", "dyhead/data", "dyhead/ops", "dyhead/engine", "dyhead/config.py"]
 UNTRACKED_SOLVER_KEYS = ("checkpoint_period", "log_period")  # no effect on the weights
+LAUNCH = "--processes auto"  # as the Snakemake rules without GPU resources (workflow/rules/common.smk)
 
 
 class Inline(dict):
@@ -125,19 +129,19 @@ def experiment_stages(profile_name: str, profile: dict, matrix: Matrix, tables: 
     stages: dict = {}
     train_deps = data_deps + ["build/ext/manifest.json"] + CODE
     stages["train"] = _foreach(ids, matrix, {
-        "cmd": f"dyhead train ${{key}} --profile {profile_name} --threads {threads}",
+        "cmd": f"dyhead train ${{key}} --profile {profile_name} --threads {threads} {LAUNCH}",
         "deps": train_deps, "params": exp_params("train"),
         "outs": [f"{runs}/${{key}}/model_final.pth", {f"{runs}/${{key}}/train.json": UNCACHED}]})
     if weights:  # the experiments of one foreach share deps: all of the profile's weight files
         stages["train"]["do"]["deps"] = train_deps + sorted(set(weights.values()))
     stages["evaluate"] = _foreach(ids, matrix, {
-        "cmd": f"dyhead evaluate ${{key}} --profile {profile_name} --threads {threads}",
+        "cmd": f"dyhead evaluate ${{key}} --profile {profile_name} --threads {threads} {LAUNCH}",
         "deps": data_deps + [f"{runs}/${{key}}/model_final.pth"] + CODE, "params": exp_params("evaluate"),
         "outs": [f"{runs}/${{key}}/predictions.json"],
         "metrics": [{f"{runs}/${{key}}/metrics.json": UNCACHED}]})
     if tta_ids:
         stages["evaluate_tta"] = _foreach(tta_ids, matrix, {
-            "cmd": f"dyhead evaluate ${{key}} --profile {profile_name} --tta --threads {threads}",
+            "cmd": f"dyhead evaluate ${{key}} --profile {profile_name} --tta --threads {threads} {LAUNCH}",
             "deps": data_deps + [f"{runs}/${{key}}/model_final.pth"] + CODE, "params": exp_params("evaluate_tta"),
             "outs": [f"{runs}/${{key}}/predictions_tta.json"],
             "metrics": [{f"{runs}/${{key}}/metrics_tta.json": UNCACHED}]})

@@ -173,42 +173,93 @@ def test_two_gloo_processes_match_one_process(repo_copy, monkeypatch):
         assert sorted(steps) == list(range(1, 13))
 
 
-def test_slurm_dry_run_shows_8_gpu_jobs_each_running_one_torchrun(repo_copy):
-    """The slurm profile on the coco profile: every training asks SLURM for 8 GPUs, runs one torchrun
-    over them and waits for the GPU check; the sbatch line the plugin builds from those resources."""
-    ann = repo_copy / "data/coco/annotations/instances_val2017.json"  # the dry-run only needs the DAG
-    ann.parent.mkdir(parents=True)
+def _slurm_dry_run(root: Path, check: bool = True) -> subprocess.CompletedProcess:
+    ann = root / "data/coco/annotations/instances_val2017.json"  # the dry-run only needs the DAG
+    ann.parent.mkdir(parents=True, exist_ok=True)
     ann.write_text("{}")
     proc = subprocess.run([sys.executable, "-m", "snakemake", "reports/table1.md", "--workflow-profile",
                            "workflow/profiles/slurm", "-n", "--config", "profile=coco"],
-                          cwd=repo_copy, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                          cwd=root, capture_output=True, text=True)
+    assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _sbatch(job: dict, root: Path) -> str:
+    """The sbatch line the SLURM plugin builds from a dry-run job's resources."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    res = {k: int(v) if v.isdigit() else v for k, v in job["resources"].items() if "<TBD>" not in v}
+    fake = type("Job", (), {"resources": _Resources(res), "threads": 8})()
+    params = {"run_uuid": "x", "slurm_logfile": "log", "comment_str": "train", "account": "", "partition": "",
+              "workdir": str(root)}
+    return get_submit_command(fake, params) + set_gres_string(fake)
+
+
+def test_slurm_dry_run_shows_8_gpu_jobs_each_running_one_torchrun(repo_copy):
+    """The slurm profile on the coco profile: every training asks SLURM for 8 GPUs on one node, runs the
+    launcher over them (one torchrun) and waits for the GPU check; the sbatch line the plugin builds."""
+    proc = _slurm_dry_run(repo_copy)
     jobs = dry_run_jobs(proc.stdout + proc.stderr)
     trains = [j for j in jobs if j["rule"] == "train"]
     assert len(trains) == 9  # Table 1: eight rows and the second seed
     for job in trains:
         assert job["resources"]["gpu"] == "8" and job["resources"]["cpus_per_task"] == "64"
+        assert job["resources"]["nodes"] == "1" and "mpi" not in job["resources"]
         exp = job["wildcards"].removeprefix("exp=")
-        assert job["shell"].startswith(f"torchrun --standalone --nproc_per_node 8 -m dyhead.cli train {exp} "
-                                       "--profile coco ")
+        assert job["shell"].startswith(f"dyhead train {exp} --profile coco ")
+        assert " --processes 8 " in job["shell"] and "--nnodes" not in job["shell"]
         assert "logs/coco/gpu_check.txt" in job["input"]
     evals = [j for j in jobs if j["rule"] == "evaluate"]
-    assert evals and all(j["shell"].startswith("torchrun --standalone --nproc_per_node 8 -m dyhead.cli evaluate ")
-                         for j in evals)
+    assert evals and all(j["shell"].startswith("dyhead evaluate ") and " --processes 8 " in j["shell"] for j in evals)
     (check,) = [j for j in jobs if j["rule"] == "gpu_check"]
     assert check["resources"]["gpu"] == "8" and check["shell"].startswith("dyhead gpu-check --expect 8 ")
 
-    # what the plugin submits for such a job: --gpus=8 and no per-GPU task split
-    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
-    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    # what the plugin submits for such a job: --gpus=8 on one node and no per-GPU task split
+    sbatch = _sbatch(trains[0], repo_copy)
+    assert "--gpus=8" in sbatch and "--nodes=1" in sbatch and "--cpus-per-task=64" in sbatch
+    assert "--mem 256000" in sbatch and "-t 1440" in sbatch and "ntasks" not in sbatch
 
-    res = {k: int(v) if v.isdigit() else v for k, v in trains[0]["resources"].items() if "<TBD>" not in v}
-    job = type("Job", (), {"resources": _Resources(res), "threads": 8})()
-    params = {"run_uuid": "x", "slurm_logfile": "log", "comment_str": "train", "account": "", "partition": "",
-              "workdir": str(repo_copy)}
-    sbatch = get_submit_command(job, params) + set_gres_string(job)
-    assert "--gpus=8" in sbatch and "--cpus-per-task=64" in sbatch and "--mem 256000" in sbatch
-    assert "-t 1440" in sbatch and "ntasks" not in sbatch
+
+def _set_train_resources(root: Path, **resources) -> None:
+    path = root / "workflow/profiles/slurm/profile.yaml"
+    profile = yaml.safe_load(path.read_text())
+    profile["set-resources"]["train"].update(resources)
+    path.write_text(yaml.safe_dump(profile))
+
+
+def test_slurm_profile_with_two_nodes_runs_one_training_over_both(repo_copy):
+    """`nodes: 2` (gpu 16) in the slurm profile: each training is one SLURM job of 2 nodes, one task per
+    node; its shell starts one launcher per node with srun, joined by torchrun's c10d rendezvous on the
+    first node under the job's id, 8 ranks each; the GPU check still expects 8 GPUs on a node."""
+    _set_train_resources(repo_copy, nodes=2, gpu=16)
+    proc = _slurm_dry_run(repo_copy)
+    jobs = dry_run_jobs(proc.stdout + proc.stderr)
+    trains = [j for j in jobs if j["rule"] == "train"]
+    assert len(trains) == 9
+    for job in trains:
+        exp = job["wildcards"].removeprefix("exp=")
+        assert job["shell"].startswith("srun --nodes 2 --ntasks-per-node 1 --cpus-per-task 64 --gpus-per-node 8 "
+                                       f"--kill-on-bad-exit=1 dyhead train {exp} --profile coco ")
+        assert job["shell"].endswith(" --processes 8 --nnodes 2 --rdzv-endpoint $(hostname):29500 "
+                                     f"--rdzv-id $SLURM_JOB_ID 2>&1 | tee logs/coco/{exp}/train.log")
+        assert {k: job["resources"][k] for k in ("nodes", "gpu", "mpi", "tasks")} == \
+            {"nodes": "2", "gpu": "16", "mpi": "srun", "tasks": "2"}
+    evals = [j for j in jobs if j["rule"] == "evaluate"]
+    assert evals and all(" --processes 8" in j["shell"] and "srun" not in j["shell"] for j in evals)
+    (check,) = [j for j in jobs if j["rule"] == "gpu_check"]
+    assert check["shell"].startswith("dyhead gpu-check --expect 8 ")
+
+    # 2 nodes, one task on each (the plugin's jobstep leaves the srun to the rule), the 16 GPUs
+    sbatch = _sbatch(trains[0], repo_copy)
+    assert "--nodes=2" in sbatch and "--ntasks=2" in sbatch and "--gpus=16" in sbatch
+    assert "--cpus-per-task=64" in sbatch and "ntasks-per-gpu" not in sbatch
+
+    # a GPU count that does not split over the nodes stops Snakemake before any job, in one line
+    _set_train_resources(repo_copy, nodes=2, gpu=15)
+    proc = _slurm_dry_run(repo_copy, check=False)
+    assert proc.returncode != 0
+    assert "dyhead: error: set-resources train: nodes 2" in proc.stderr and "here 15" in proc.stderr
 
 
 class _Resources(dict):

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tests.helpers import REPO, dvc, dvc_stages, dyhead, snakemake_commands
+from tests.helpers import REPO, dvc, dvc_stages, dyhead, snakemake, snakemake_commands
 
 
 def test_dvc_yaml_is_what_params_give():
@@ -143,3 +144,30 @@ def test_repro_push_pull_and_nothing_left_to_do(dvc_repo, monkeypatch):
     again = dvc("repro", cwd=root)
     assert "Running stage" not in again.stdout, again.stdout
     assert _changed(root) == set()
+
+
+@pytest.mark.slow
+def test_a_dvc_training_stage_on_two_processes_gives_snakemakes_weights(dvc_repo, monkeypatch):
+    """`dvc repro train@<exp>` runs the launcher Snakemake's train job runs (`--processes auto`); with
+    DYHEAD_PROCESSES=2 both train on 2 gloo processes on this CPU machine and end with the same weights."""
+    monkeypatch.setenv("DYHEAD_TRACKING", "off")
+    monkeypatch.setenv("DYHEAD_PROCESSES", "2")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # the stages call `dyhead`
+    root, exp = dvc_repo, "atss-r50-dyh1-LSC-1x"
+    stage, target = f"train@{exp}", f"runs/tiny/{exp}/model_final.pth"
+    dyhead("dvc-yaml", "--profile", "tiny", "--tables", "table2", cwd=root)
+    command = dvc_stages(root)[stage]
+    assert command == snakemake_commands(root, "tiny", [target])[stage] and command.endswith(" --processes auto")
+
+    snakemake(target, "--cores", "2", "--config", "profile=tiny", cwd=root)
+    run = root / "runs/tiny" / exp
+    by_snakemake = torch.load(run / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert json.loads((run / "train.json").read_text())["world_size"] == 2
+    shutil.rmtree(run)  # checkpoints too: the DVC stage trains from scratch, not from Snakemake's last one
+
+    out = dvc("repro", stage, cwd=root).stdout
+    assert f"Running stage '{stage}'" in out and "--nproc-per-node 2" in out
+    assert json.loads((run / "train.json").read_text())["world_size"] == 2
+    by_dvc = torch.load(run / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert by_dvc.keys() == by_snakemake.keys()
+    assert all(torch.equal(by_dvc[k], by_snakemake[k]) for k in by_dvc)

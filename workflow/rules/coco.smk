@@ -42,13 +42,13 @@ if DATA["source"] == "coco":
         params:
             profile=PROFILE,
             flag=lambda w: " --tta" if w.tta else "",
-            dyhead=dyhead_launcher,
+            launch=launch_flags,
         threads: PROFILE_CFG["runtime"]["threads"]
         resources:
             gpu=0,
         shell:
-            "{params.dyhead} evaluate {wildcards.exp} --profile {params.profile} --split test-dev{params.flag} "
-            "--threads {threads} 2>&1 | tee {log}"
+            "dyhead evaluate {wildcards.exp} --profile {params.profile} --split test-dev{params.flag} "
+            "--threads {threads} {params.launch} 2>&1 | tee {log}"
 
 
 def backbone_weights(wildcards):

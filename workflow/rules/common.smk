@@ -28,11 +28,55 @@ def table_runs(table, filename):
     return [f"{RUNS}/{exp}/{filename}" for exp in MATRIX.table_experiments(table)]
 
 
-def dyhead_launcher(wildcards, resources):
-    """`dyhead`, or one torchrun over all of the job's GPUs when it has some (slurm profile: gpu=8)."""
-    if resources.gpu > 0:
-        return f"torchrun --standalone --nproc_per_node {resources.gpu} -m dyhead.cli"
-    return "dyhead"
+# How `dyhead train|evaluate` starts its processes (dyhead/engine/launch.py); dvc.yaml says
+# `--processes auto` too, so both orchestrators run the same command: every GPU the machine shows on a
+# CUDA profile, one process on CPU. A job with GPUs (the slurm profile: gpu=8) names their count; a
+# training whose `nodes` resource is N > 1 runs one launcher per node under srun, joined by torchrun's
+# c10d rendezvous on the node the job's shell runs on (the first one). `gpu` counts the job's GPUs on all
+# its nodes, as SLURM's --gpus does.
+RDZV_PORT = 29500
+
+
+def profile_resource(rule, name, default=0):
+    """The value --set-resources (a workflow profile) gives `rule`'s resource `name`, read at parse time."""
+    resources = workflow.resource_settings.overwrite_resources.get(rule) or {}
+    value = resources[name] if name in resources else default
+    return int(getattr(value, "value", value) or 0)  # a snakemake Resource, or a plain number
+
+
+def multinode(rule):
+    """What a training over several nodes adds to its SLURM resources: `mpi` (the jobstep plugin runs the
+    shell as it is, and the shell calls srun itself), one task per node, and tasks_per_gpu 0 (else the
+    plugin would read `tasks` as tasks per GPU)."""
+    nodes = profile_resource(rule, "nodes", 1)
+    return {"mpi": "srun", "tasks": nodes, "tasks_per_gpu": 0} if nodes > 1 else {}
+
+
+for _rule in workflow.resource_settings.overwrite_resources:
+    _nodes, _gpus = profile_resource(_rule, "nodes", 1), profile_resource(_rule, "gpu")
+    if _nodes > 1 and (_rule != "train" or _gpus < _nodes or _gpus % _nodes):
+        sys.exit(f"dyhead: error: set-resources {_rule}: nodes {_nodes} is for the train rule, with a gpu count "
+                 f"(the job's GPUs on all nodes, here {_gpus}) that splits evenly over its nodes")
+
+
+def launch_flags(wildcards, resources):
+    """The launcher's options for this job: auto, the job's GPUs, or its share of them on each node."""
+    nodes = resources.get("nodes", 1)
+    if not resources.gpu:
+        return "--processes auto"
+    if nodes <= 1:
+        return f"--processes {resources.gpu}"
+    return (f"--processes {resources.gpu // nodes} --nnodes {nodes} --rdzv-endpoint $(hostname):{RDZV_PORT} "
+            "--rdzv-id $SLURM_JOB_ID")
+
+
+def srun_nodes(wildcards, resources):
+    """One launcher per node: the srun step of a training over several nodes ('' on one node)."""
+    nodes = resources.get("nodes", 1)
+    if nodes <= 1:
+        return ""
+    return (f"srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {resources.cpus_per_task} "
+            f"--gpus-per-node {resources.gpu // nodes} --kill-on-bad-exit=1 ")
 
 
 wildcard_constraints:

@@ -4,10 +4,8 @@
 
 
 def requested_gpus(rule):
-    """The gpu count --set-resources gives `rule` (the slurm profile: 8); 0 when none is set."""
-    resources = workflow.resource_settings.overwrite_resources.get(rule) or {}
-    value = resources["gpu"] if "gpu" in resources else 0
-    return int(getattr(value, "value", value) or 0)  # a snakemake Resource, or a plain number
+    """The GPUs per node --set-resources gives `rule` (the slurm profile: 8); 0 when none is set."""
+    return profile_resource(rule, "gpu") // max(1, profile_resource(rule, "nodes", 1))
 
 
 def gpu_checked(wildcards):

@@ -11,13 +11,16 @@ rule train:
         f"logs/{PROFILE}/{{exp}}/train.log",
     params:
         profile=PROFILE,
-        dyhead=dyhead_launcher,
+        launch=launch_flags,
+        srun=srun_nodes,
     threads: PROFILE_CFG["runtime"]["threads"]
     resources:
         mem_mb=4000,
-        gpu=0,  # the slurm profile sets 8: one torchrun over them
+        gpu=0,  # the slurm profile sets 8: one torchrun over them (nodes: N, one over N nodes)
+        **multinode("train"),
     shell:
-        "{params.dyhead} train {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
+        "{params.srun}dyhead train {wildcards.exp} --profile {params.profile} --threads {threads} {params.launch} "
+        "2>&1 | tee {log}"
 
 
 rule evaluate:
@@ -31,12 +34,13 @@ rule evaluate:
         f"logs/{PROFILE}/{{exp}}/evaluate.log",
     params:
         profile=PROFILE,
-        dyhead=dyhead_launcher,
+        launch=launch_flags,
     threads: PROFILE_CFG["runtime"]["threads"]
     resources:
         gpu=0,  # the slurm profile sets 8: the val set sharded over them
     shell:
-        "{params.dyhead} evaluate {wildcards.exp} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"
+        "dyhead evaluate {wildcards.exp} --profile {params.profile} --threads {threads} {params.launch} "
+        "2>&1 | tee {log}"
 
 
 rule flops:

@@ -1,5 +1,5 @@
 # Test-time augmentation (the profile's `tta` scales and flips): `dyhead evaluate --tta`.
-# Under torchrun (gpu > 0) the images are sharded over the ranks like plain evaluation.
+# Under more than one process the images are sharded over the ranks like plain evaluation.
 rule evaluate_tta:
     input:
         data=data_ready(),
@@ -11,12 +11,13 @@ rule evaluate_tta:
         f"logs/{PROFILE}/{{exp}}/evaluate_tta.log",
     params:
         profile=PROFILE,
-        dyhead=dyhead_launcher,
+        launch=launch_flags,
     threads: PROFILE_CFG["runtime"]["threads"]
     resources:
         gpu=0,
     shell:
-        "{params.dyhead} evaluate {wildcards.exp} --profile {params.profile} --tta --threads {threads} 2>&1 | tee {log}"
+        "dyhead evaluate {wildcards.exp} --profile {params.profile} --tta --threads {threads} {params.launch} "
+        "2>&1 | tee {log}"
 
 
 def tta_inputs(table):
