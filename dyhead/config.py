@@ -245,6 +245,8 @@ class RunConfig:
                 "data": self.profile["data"], "seed": self.seed, "max_iter": self.max_iter}
         if self.backbone.get("weights") == PRETRAINED:  # the stand-in's recipe is part of the start point
             keep["pretrain"] = self.profile["pretrain"]
+        if self.profile["runtime"].get("precision", "fp32") != "fp32":  # fp32 runs keep their earlier digests
+            keep["precision"] = self.profile["runtime"]["precision"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

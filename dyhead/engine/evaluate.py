@@ -69,7 +69,8 @@ def evaluate(run: RunConfig, *, tta: bool = False, threads: int | None = None, b
         batch = cfg.batch_size or batch
         forward = lambda images: predict_tta(model, images, cfg)  # noqa: E731
     t0 = time.perf_counter()
-    results = predict_sharded(model, dataset, batch, rt.ctx, rt.log, run.experiment, forward)
+    with rt.autocast():
+        results = predict_sharded(model, dataset, batch, rt.ctx, rt.log, run.experiment, forward)
     if not rt.ctx.is_main:  # rank 0 has every image's detections now
         return {}
     seconds = time.perf_counter() - t0
@@ -80,7 +81,8 @@ def evaluate(run: RunConfig, *, tta: bool = False, threads: int | None = None, b
     metrics = coco_metrics(dataset.coco, results, dataset.image_ids, ranges)
     record = {"experiment": run.experiment, "profile": run.profile_name, "split": "val", "area_ranges": ranges,
               "annotations": annotations, "images": len(dataset), "detections": len(results),
-              "eval_seconds": round(seconds, 1), "dcn_backend": rt.backend, "world_size": rt.ctx.world_size,
+              "eval_seconds": round(seconds, 1), "dcn_backend": rt.backend, "precision": rt.precision,
+              "world_size": rt.ctx.world_size,
               "metrics": metrics}
     if cfg is not None:
         record["tta"] = asdict(cfg)

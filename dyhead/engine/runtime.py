@@ -25,6 +25,9 @@ def _silent(*args, **kwargs) -> None:
     pass
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a stage runs, resolved once from the profile and the command line."""
@@ -32,10 +35,25 @@ class Runtime:
     ctx: distributed.Dist
     backend: str  # 'native' or 'torchvision'
     log: Callable
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
 
     @property
     def device(self) -> torch.device:
         return self.ctx.device
+
+    def autocast(self):
+        """The network's forward in the profile's precision. Detectors run their losses, assignment, box
+        decoding and NMS outside it on fp32 copies of the outputs (Detector.forward): sums over thousands of
+        anchors and IoU thresholds are where half precision goes wrong."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 where the GPU has it (Ampere and newer), else fp32; the others as they are."""
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def set_threads(threads: int | None, default: int) -> int:
@@ -58,8 +76,11 @@ def start(run: RunConfig, threads: int | None = None, backend: str | None = None
         resolved = resolve_backend(backend or rt["dcn_backend"])
     except (ValueError, RuntimeError) as exc:
         raise DyheadError(str(exc)) from None
+    if device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls and convs (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = rt.get("tf32", True)
     ctx = distributed.init(device)
-    return Runtime(ctx, resolved, log if ctx.is_main else _silent)
+    precision = resolve_precision(rt.get("precision", "fp32"), device)
+    return Runtime(ctx, resolved, log if ctx.is_main else _silent, precision)
 
 
 def make_dataset(run: RunConfig, train: bool, transforms: bool = True) -> CocoDetection:

@@ -100,7 +100,8 @@ def predict_testdev(run: RunConfig, *, tta: bool = False, threads: int | None = 
     forward = (lambda images: predict_tta(model, images, cfg)) if cfg is not None else None
     t0 = time.perf_counter()
     batch = (cfg and cfg.batch_size) or run.profile["eval"]["batch_size"]
-    results = predict_sharded(model, dataset, batch, rt.ctx, rt.log, run.experiment, forward)
+    with rt.autocast():
+        results = predict_sharded(model, dataset, batch, rt.ctx, rt.log, run.experiment, forward)
     name = results_name(run.experiment, tta)
     out = run.run_dir / f"{name}.zip"
     if not rt.ctx.is_main:

@@ -69,7 +69,7 @@ class LossWindow:
         return means
 
 
-def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log) -> tuple[int, float]:
+def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log, scaler=None) -> tuple[int, float]:
     """Load the last checkpoint if there is one: (iteration to start from, seconds already spent)."""
     if not ckpt_path.exists():
         return 0, 0.0
@@ -80,6 +80,8 @@ def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log) -> tuple[int,
                           "delete it to start over")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and "scaler" in ckpt:  # the loss scale a resumed fp16 run continues from
+        scaler.load_state_dict(ckpt["scaler"])
     log(f"[{run.experiment}] resuming from {ckpt_path} at iteration {ckpt['iteration']}/{run.max_iter}")
     return ckpt["iteration"], ckpt.get("elapsed", 0.0)
 
@@ -104,7 +106,7 @@ def trim_log(path: Path, iteration: int) -> None:
     save_text(path, "".join(line + "\n" for line in keep))
 
 
-def open_tracker(run: RunConfig, ctx, start: int, backend: str):
+def open_tracker(run: RunConfig, ctx, start: int, backend: str, precision: str = "fp32"):
     """Rank 0 alone writes files and talks to MLflow. A training that starts from iteration 0 opens a new
     MLflow run: the FLOPs counted before it (flops.json; they depend on the settings, not the weights) are
     logged into it again, so no run loses them."""
@@ -112,7 +114,7 @@ def open_tracker(run: RunConfig, ctx, start: int, backend: str):
         return NullTracker()
     trim_log(run.run_dir / LOG, start)
     tracker = Tracker.for_run(run, stage="train", resumed=start > 0,
-                              tags={"dcn_backend": backend, "world_size": ctx.world_size})
+                              tags={"dcn_backend": backend, "world_size": ctx.world_size, "precision": precision})
     tracker.log_params(flat_params(run.to_dict()))
     flops = run.run_dir / "flops.json"
     if start == 0 and flops.exists():
@@ -189,6 +191,7 @@ class Training:
     start: int  # the iteration this process starts at (resumed or 0)
     elapsed_before: float  # seconds spent before a resume
     tracker: object
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 has fp32's range and needs none
 
     @property
     def ckpt_path(self) -> Path:
@@ -208,11 +211,12 @@ def setup(run: RunConfig, rt: runtime.Runtime) -> Training:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],
                                 weight_decay=solver["weight_decay"])
-    start, elapsed_before = resume(run.run_dir / CHECKPOINT, run, model, optimizer, rt.log)
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+    start, elapsed_before = resume(run.run_dir / CHECKPOINT, run, model, optimizer, rt.log, scaler)
     if start == 0 and rt.ctx.is_main:
         remove_stale(run, rt.log)
-    tracker = open_tracker(run, rt.ctx, start, rt.backend)
-    return Training(run, rt, dataset, model, net, params, optimizer, start, elapsed_before, tracker)
+    tracker = open_tracker(run, rt.ctx, start, rt.backend, rt.precision)
+    return Training(run, rt, dataset, model, net, params, optimizer, start, elapsed_before, tracker, scaler)
 
 
 def loader_for(t: Training, end: int) -> torch.utils.data.DataLoader:
@@ -231,7 +235,8 @@ def step(t: Training, images, targets, iteration: int) -> tuple[dict, float]:
     for group in t.optimizer.param_groups:
         group["lr"] = lr
     images, targets = runtime.to_device(images, targets, t.rt.device)
-    losses = t.net(images, targets)
+    with t.rt.autocast():
+        losses = t.net(images, targets)
     seen = distributed.mean_over_ranks(losses)
     seen_total = sum(seen.values())
     if not torch.isfinite(seen_total):
@@ -239,11 +244,21 @@ def step(t: Training, images, targets, iteration: int) -> tuple[dict, float]:
         raise DyheadError(f"[{t.run.experiment}] loss is {seen_total.item()} at iteration {iteration + 1} "
                           f"({', '.join(f'{k}={v.item():.4g}' for k, v in seen.items())}); stopped, {kept}")
     t.optimizer.zero_grad(set_to_none=True)
-    sum(losses.values()).backward()
+    total = sum(losses.values())
+    if t.scaler is None:
+        total.backward()
+    else:  # fp16: the loss scaled up so small gradients survive, unscaled before clipping and the update
+        t.scaler.scale(total).backward()
+        t.scaler.unscale_(t.optimizer)
     # the total gradient norm is logged always (a diagnostic of head training); clipped only if the profile says
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.params, solver.get("clip_grad_norm", math.inf))
-    t.optimizer.step()
-    return seen, grad_norm.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.params, solver.get("clip_grad_norm", math.inf)).item()
+    if t.scaler is None:
+        t.optimizer.step()
+    else:
+        t.scaler.step(t.optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
+        t.scaler.update()
+        grad_norm = grad_norm if math.isfinite(grad_norm) else 0.0
+    return seen, grad_norm
 
 
 def log_window(t: Training, window: LossWindow, done: int, seconds: float) -> dict:
@@ -269,8 +284,11 @@ def save_checkpoint(t: Training, done: int, elapsed: float) -> None:
         raise DyheadError(f"[{t.run.experiment}] weights became non-finite at iteration {done}; stopped, "
                           f"last good checkpoint kept at {t.ckpt_path}")
     if t.rt.ctx.is_main:
-        save_torch(t.ckpt_path, {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-                                 "iteration": done, "digest": t.run.digest, "elapsed": elapsed})
+        state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+                 "iteration": done, "digest": t.run.digest, "elapsed": elapsed}
+        if t.scaler is not None:
+            state["scaler"] = t.scaler.state_dict()
+        save_torch(t.ckpt_path, state)
 
 
 def train(run: RunConfig, *, threads: int | None = None, backend: str | None = None, stop_at: int | None = None,
@@ -298,7 +316,7 @@ def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
     rt.log(f"[{run.experiment}] profile {run.profile_name}: {len(t.dataset)} train images, {max_iter} iterations "
            f"at batch {solver['batch_size']} over {rt.ctx.world_size} process(es), "
            f"{sum(p.numel() for p in t.model.parameters()):,} parameters, dcn backend {rt.backend}, "
-           f"{torch.get_num_threads()} threads")
+           f"{rt.precision}, {torch.get_num_threads()} threads")
 
     t.model.train()
     t0 = time.perf_counter()
@@ -335,7 +353,8 @@ def finish(t: Training, elapsed: float, last_losses: dict) -> dict:
         "resumed_from": t.start, "train_seconds": round(elapsed, 1),
         "final_losses": {k: round(v, 5) for k, v in last_losses.items()},
         "parameters": sum(p.numel() for p in t.model.parameters()), "peak_rss_mb": round(runtime.peak_rss_mb(), 1),
-        "dcn_backend": rt.backend, "threads": torch.get_num_threads(), "device": str(rt.device),
+        "dcn_backend": rt.backend, "precision": rt.precision, "threads": torch.get_num_threads(),
+        "device": str(rt.device),
         "world_size": rt.ctx.world_size,
         "torch": torch.__version__, "python": platform.python_version(), "config": run.to_dict(),
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import Tensor
 import torchvision
 
@@ -69,6 +70,13 @@ def deform_conv2d(
                 )
         else:
             return native.deform_conv2d(input, offset, mask, weight, bias, stride, padding, dilation)
+    if input.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(input.device.type):
+        # torchvision's kernels are fp32/fp64 only (its CPU op fails on half inputs and under autocast): run
+        # it in fp32 with autocast off, as its CUDA autocast wrapper does
+        with torch.autocast(input.device.type, enabled=False):
+            return torchvision.ops.deform_conv2d(
+                input.float(), offset.float(), weight.float(), None if bias is None else bias.float(),
+                stride=stride, padding=padding, dilation=dilation, mask=None if mask is None else mask.float())
     return torchvision.ops.deform_conv2d(
         input, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
     )

@@ -17,6 +17,7 @@ module and a `DenseDetector` subclass with `grids`, `losses` and `level_candidat
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -83,12 +84,28 @@ class Detector(nn.Module):
 
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         batch, sizes = self.preprocess(images)
-        outputs = self.network(batch)
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode")
-            return self.losses(outputs, targets, batch)
-        return self.postprocess(outputs, sizes, batch)
+        outputs = self.network(batch)  # in the autocast dtype when the caller runs under autocast
+        # losses, assignment, box decoding and NMS in fp32: focal sums over every anchor and IoU tests at
+        # thresholds are where bf16's 8 bits of mantissa go wrong
+        with torch.autocast(batch.device.type, enabled=False) if batch.device.type in ("cpu", "cuda") \
+                else contextlib.nullcontext():
+            outputs = to_float32(outputs)
+            if self.training:
+                if targets is None:
+                    raise ValueError("targets are required in training mode")
+                return self.losses(outputs, targets, batch)
+            return self.postprocess(outputs, sizes, batch)
+
+
+def to_float32(outputs):
+    """Half-precision tensors in a (nested) tuple/list/dict as fp32; everything else as it is."""
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.is_floating_point() and outputs.dtype != torch.float32 else outputs
+    if isinstance(outputs, dict):
+        return type(outputs)((k, to_float32(v)) for k, v in outputs.items())
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float32(v) for v in outputs)
+    return outputs
 
 
 # -- one-stage heads ---------------------------------------------------------------------------------
