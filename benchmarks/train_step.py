@@ -8,31 +8,37 @@ fixed batch of random images with random boxes, with the native deformable conv 
 torchvision's in the same process. It reports per backend the median seconds per step, images per
 second and the peak memory of a step, and the ratio torchvision / native measured in this run.
 
-The batch is the profile's per-GPU batch (coco: 16 images over 8 GPUs = 2), fp32 as the trainer
-runs. Boxes are random, so the numbers are the cost of the network and the loss code at that size,
-not of a particular image.
+The batch is the profile's per-GPU batch (coco: 16 images over 8 GPUs = 2). `--dtype` runs the
+forward (and so the losses) under torch.autocast in bfloat16 or float16 (float16 with a GradScaler);
+the default float32 is how the trainer runs today. Boxes are random, so the numbers are the cost of
+the network and the loss code at that size, not of a particular image.
 
     python benchmarks/train_step.py --device cuda                       # coco profile, Table 3 rows
+    python benchmarks/train_step.py --device cuda --dtype bfloat16
     python benchmarks/train_step.py --profile tiny --device cpu --steps 1 --warmup 0 atss-r50-base-1x
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dyhead.config import load_matrix, resolve  # noqa: E402
+from dyhead.files import save_json  # noqa: E402
 from dyhead.modeling.build import build_detector  # noqa: E402
 from dyhead.ops import native, resolve_backend  # noqa: E402
 
 DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]  # followed by Table 3's other rows
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def default_experiments() -> list[str]:
@@ -41,6 +47,12 @@ def default_experiments() -> list[str]:
         if e not in exps:
             exps.append(e)
     return exps
+
+
+def baseline_of(exp: str) -> str | None:
+    """The baseline-head experiment of a DyHead one (same detector, backbone, schedule), by the id rule."""
+    base = re.sub(r"-dyh\d+-[A-Za-z]*-", "-base-", exp)
+    return base if base != exp else None
 
 
 def make_batch(n: int, height: int, width: int, num_classes: int, boxes: int, device, seed: int = 0):
@@ -63,8 +75,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
-               boxes: int, num_classes: int) -> dict:
+def per_gpu_batch(profile: dict) -> int:
+    """The profile's batch per process: batch_size over 8 GPUs for CUDA profiles, all of it on CPU."""
+    return max(1, profile["solver"]["batch_size"] // (8 if profile["runtime"]["device"] == "cuda" else 1))
+
+
+def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int, boxes: int,
+               num_classes: int, dtype: str = "float32") -> Callable[[], dict]:
+    """One experiment's detector (random weights, built as `dyhead train` builds it), SGD and a fixed
+    batch; returns step(), which runs forward, losses, backward and the update and returns the losses
+    as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16."""
     run = resolve(exp, profile)
     torch.manual_seed(0)
     model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
@@ -76,27 +96,63 @@ def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch
     inp = run.profile["input"]
     images, targets = make_batch(batch, inp["min_size_train"] if isinstance(inp["min_size_train"], int)
                                  else max(inp["min_size_train"]), inp["max_size"], num_classes, boxes, device)
+    amp = dtype != "float32"
+    scaler = torch.amp.GradScaler(device.type) if dtype == "float16" else None
+
+    def step() -> dict:
+        ctx = torch.autocast(device.type, dtype=getattr(torch, dtype)) if amp else contextlib.nullcontext()
+        with ctx:
+            losses = model(images, targets)
+            total = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            total.backward()
+            opt.step()
+        return losses
+
+    return step
+
+
+def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
+               boxes: int, num_classes: int, dtype: str = "float32") -> dict:
+    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, last = [], {}
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
-        losses = model(images, targets)
-        total = sum(losses.values())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
+        losses = step()
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        last = {k: v.item() for k, v in losses.items()}
+        last = {k: float(v.detach()) for k, v in losses.items()}
     if not all(torch.isfinite(torch.tensor(list(last.values())))):
-        raise RuntimeError(f"{exp} [{backend}]: non-finite loss {last}")
+        raise RuntimeError(f"{exp} [{backend}, {dtype}]: non-finite loss {last}")
     sec = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"experiment": exp, "backend": backend, "sec_per_step": sec, "images_per_sec": batch / sec,
+    return {"experiment": exp, "backend": backend, "dtype": dtype, "sec_per_step": sec, "images_per_sec": batch / sec,
             "peak_gib": peak, "steps": steps, "losses": last}
+
+
+def dyhead_over_baseline(results: list[dict], exps: list[str], backends: list[str]) -> list[dict]:
+    """Step time of each DyHead experiment over its baseline's, per backend, both measured in this run."""
+    sec = {(r["experiment"], r["backend"]): r["sec_per_step"] for r in results}
+    out = []
+    for exp in exps:
+        base = baseline_of(exp)
+        if base is None or base not in exps:
+            continue
+        row = {"experiment": exp, "baseline": base}
+        for b in backends:
+            if (exp, b) in sec and (base, b) in sec:
+                row[b] = sec[(exp, b)] / sec[(base, b)]
+        out.append(row)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--boxes", type=int, default=7, help="random boxes per image (COCO averages ~7; default 7)")
     p.add_argument("--num-classes", type=int, default=80)
     p.add_argument("--backends", default="native,torchvision", help="comma list (default native,torchvision)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="float32 (default, as the trainer runs), or autocast to bfloat16 / float16 (with a GradScaler)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -130,15 +188,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     exps = args.experiments or default_experiments()
     prof = resolve(exps[0], args.profile).profile
-    batch = args.batch or max(1, prof["solver"]["batch_size"] // (8 if prof["runtime"]["device"] == "cuda" else 1))
+    batch = args.batch or per_gpu_batch(prof)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# torch {torch.__version__}, device {device} ({name}), profile {args.profile}, batch {batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, fp32, random weights and boxes", flush=True)
-    results = []
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.dtype}"
+          f"{' (autocast)' if args.dtype != 'float32' else ''}, random weights and boxes", flush=True)
+    results, errors = [], []
     for exp in exps:
         for b in backends:
-            r = time_steps(exp, args.profile, resolve_backend(b), device, batch, args.steps, args.warmup, args.boxes,
-                           args.num_classes)
+            try:
+                r = time_steps(exp, args.profile, resolve_backend(b), device, batch, args.steps, args.warmup,
+                               args.boxes, args.num_classes, args.dtype)
+            except Exception as e:  # noqa: BLE001 - report it and go on with the other models and backends
+                errors.append({"experiment": exp, "backend": b, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+                print(f"  {exp:40s} {b:12s} failed: {errors[-1]['error'][:200]}", flush=True)
+                continue
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             results.append(r)
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
             print(f"  {exp:40s} {b:12s} {r['sec_per_step'] * 1000:9.1f} ms/step {r['images_per_sec']:7.2f} img/s "
@@ -152,11 +219,19 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{tv['sec_per_step'] / nat['sec_per_step']:.2f}x" if nat and tv else "–"
         print(f"| {exp} | {cell(nat, 'sec_per_step', '%.1f')} | {cell(tv, 'sec_per_step', '%.1f')} | {ratio} | "
               f"{cell(nat, 'peak_gib', '%.2f')} | {cell(tv, 'peak_gib', '%.2f')} |")
+    ratios = dyhead_over_baseline(results, exps, backends)
+    if ratios:
+        print(f"\n| DyHead experiment ({args.dtype}) | baseline | " + " | ".join(f"{b}: DyHead / baseline" for b in backends)
+              + " |")
+        print("|---|---|" + "---|" * len(backends))
+        for r in ratios:
+            print(f"| {r['experiment']} | {r['baseline']} | "
+                  + " | ".join(f"{r[b]:.2f}x" if r.get(b) else "–" for b in backends) + " |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "profile": args.profile,
-                                         "batch": batch, "results": results}, indent=1))
-    return 0
+        save_json(args.json, {"device": name, "torch": torch.__version__, "profile": args.profile, "batch": batch,
+                              "dtype": args.dtype, "results": results, "dyhead_over_baseline": ratios,
+                              "errors": errors})
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -44,3 +46,97 @@ def test_train_step_refuses_unknown_backend(capsys):
     bench = _load("train_step")
     assert bench.main(["--profile", "tiny", "--device", "cpu", "--backends", "cudnn", "atss-r50-base-1x"]) == 2
     assert "unknown backend 'cudnn'" in capsys.readouterr().err
+
+
+def _native_built() -> None:
+    from dyhead.ops import build, native
+
+    if not native.is_built():
+        build.build_extension(cuda="off")
+    assert native.is_built(), native.status()
+
+
+def test_train_step_dyhead_over_baseline_and_autocast(tmp_path, capsys):
+    """--dtype runs the step under autocast; each DyHead model is divided by its baseline of the same run."""
+    bench = _load("train_step")
+    assert bench.baseline_of("faster_rcnn-r50-dyh6-LSC-1x") == "faster_rcnn-r50-base-1x"
+    assert bench.baseline_of("atss-r50-base-1x") is None
+    out = tmp_path / "train_step_bfloat16.json"
+    rc = bench.main(["--profile", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1",
+                     "--dtype", "bfloat16", "--backends", "torchvision", "--json", str(out),
+                     "retinanet-r50-base-1x", "retinanet-r50-dyh1-LSC-1x"])
+    got = json.loads(out.read_text())
+    # torchvision's deformable conv has no bfloat16 CPU kernel: that run fails, is reported, and the rest goes on
+    assert rc == 1 and got["dtype"] == "bfloat16"
+    assert [(e["experiment"], e["backend"]) for e in got["errors"]] == [("retinanet-r50-dyh1-LSC-1x", "torchvision")]
+    assert [r["experiment"] for r in got["results"]] == ["retinanet-r50-base-1x"]
+    assert got["results"][0]["dtype"] == "bfloat16"
+    assert got["dyhead_over_baseline"] == [{"experiment": "retinanet-r50-dyh1-LSC-1x", "baseline": "retinanet-r50-base-1x"}]
+    assert "(autocast)" in capsys.readouterr().out
+
+
+def test_train_step_ratio_table(tmp_path):
+    bench = _load("train_step")
+    results = [{"experiment": "a-r50-base-1x", "backend": "native", "sec_per_step": 2.0},
+               {"experiment": "a-r50-dyh6-LSC-1x", "backend": "native", "sec_per_step": 3.0},
+               {"experiment": "a-r50-dyh6-LSC-1x", "backend": "torchvision", "sec_per_step": 5.0}]
+    ratios = bench.dyhead_over_baseline(results, ["a-r50-base-1x", "a-r50-dyh6-LSC-1x"], ["native", "torchvision"])
+    assert ratios == [{"experiment": "a-r50-dyh6-LSC-1x", "baseline": "a-r50-base-1x", "native": 1.5}]
+
+
+def test_dcn_check_runs_on_cpu(tmp_path, capsys):
+    """The COCO P3 check (`dcn.py --coco`) at a tiny shape on the CPU: timings, ratios and the numerics of
+    the native op against torchvision float32, in JSON and in the gpu_checks summary."""
+    _native_built()
+    bench = _load("dcn")
+    out = tmp_path / "dcn_float32.json"
+    rc = bench.main(["--device", "cpu", "--coco", "--only", "check", "--check-shape", "1,8,6,7", "--reps", "3",
+                     "--budget", "0.01", "--json", str(out)])
+    assert rc == 0
+    got = json.loads(out.read_text())
+    c = got["check"]
+    assert got["results"] == [] and c["dtype"] == "float32"
+    assert (c["shape"]["n"], c["shape"]["c"], c["shape"]["h"], c["shape"]["w"]) == (1, 8, 6, 7)
+    for b in ("native", "conv", "torchvision_fp32"):
+        assert c[b]["error"] is None and c[b]["fb_ms"] > 0
+    assert math.isclose(c["native_over_conv"], c["native"]["fb_ms"] / c["conv"]["fb_ms"])
+    assert math.isclose(c["tv_fp32_over_native"], c["torchvision_fp32"]["fb_ms"] / c["native"]["fb_ms"])
+    num = c["numerics"]
+    assert num["tolerance"] == {"rtol": 1e-4, "atol": 2e-4, "gradients_scaled_by_max_abs": False}
+    names = ("output", "grad_input", "grad_offset", "grad_mask", "grad_weight", "grad_bias")
+    assert all(num[k]["ok"] and num[k]["max_abs_err"] < 1e-4 for k in names) and num["ok"]
+    printed = capsys.readouterr().out
+    assert "native / conv" in printed and "grad_offset" in printed
+    summary = _load("gpu_summary")
+    assert summary.main([str(tmp_path)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("- dcn_float32:")][0]
+    assert "1x8x6x7" in line and "numerics (rtol 0.0001) ok" in line
+
+
+def test_dcn_refuses_bad_groups_and_shapes(capsys):
+    bench = _load("dcn")
+    assert bench.main(["--device", "cpu", "--only", "check,huge"]) == 2
+    assert "unknown shape group(s) huge" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--coco", "--only", "check", "--check-shape", "1,8,6"]) == 2
+    assert "--check-shape" in capsys.readouterr().err
+
+
+def test_profile_step_top_kernels_on_cpu(tmp_path):
+    """profile_step.py on the CPU: the top operators of a DyHead step include the native deformable conv."""
+    _native_built()
+    bench = _load("profile_step")
+    js, md = tmp_path / "prof.json", tmp_path / "prof.md"
+    rc = bench.main(["--device", "cpu", "--profile", "tiny", "--steps", "1", "--warmup", "0", "--batch", "1",
+                     "--top", "100000", "--json", str(js), "--md", str(md), "atss-r50-dyh1-LSC-1x"])
+    assert rc == 0
+    got = json.loads(js.read_text())
+    (m,) = got["models"]
+    assert m["experiment"] == "atss-r50-dyh1-LSC-1x" and m["time_kind"] == "self CPU time of operators"
+    names = [k["name"] for k in m["kernels"]]
+    assert "dyhead::deform_conv2d" in names and "dyhead::deform_conv2d_backward" in names
+    shares = [k["share"] for k in m["kernels"]]
+    assert shares == sorted(shares, reverse=True) and 0.99 < sum(shares) <= 1.0 + 1e-9
+    assert math.isclose(sum(k["total_ms"] for k in m["kernels"]), m["total_ms"], rel_tol=1e-6)
+    text = md.read_text()
+    assert text.startswith("# Top kernels of a training step (cpu, float32, profile tiny, batch 1")
+    assert "| dyhead::deform_conv2d |" in text

@@ -555,7 +555,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("name", ["default", "stride2", "groups2", "offset_groups4_groups2", "no_mask", "edges", "large_offsets", "wide_channels"])
+@pytest.mark.parametrize("name", sorted(NAMED_CASES))
 def test_cuda_fp32_matches_torchvision(ext, name):
     if not native.cuda_compiled():
         pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
@@ -565,20 +565,23 @@ def test_cuda_fp32_matches_torchvision(ext, name):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_cuda_fp64_matches_torchvision(ext):
+@pytest.mark.parametrize("name", sorted(NAMED_CASES))
+def test_cuda_fp64_matches_torchvision(ext, name):
+    """Every feature of the op, including channel counts that give each vector width of the kernels."""
     if not native.cuda_compiled():
         pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
-    tensors, grad, conv = make_case(22, device="cuda", **NAMED_CASES["offset_groups4_groups2"])
+    tensors, grad, conv = make_case(22, device="cuda", **NAMED_CASES[name])
     assert_matches(tensors, grad, conv, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("c", [16, 6])  # 8 channels per 16-byte access, and one at a time
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_matches_fp32_reference(ext, dtype):
+def test_cuda_half_matches_fp32_reference(ext, dtype, c):
     if not native.cuda_compiled():
         pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
-    tensors, grad, conv = make_case(23, n=2, c=16, cout=16, h=12, w=10, dtype=torch.float32, device="cuda")
+    tensors, grad, conv = make_case(23, n=2, c=c, cout=16, h=12, w=10, dtype=torch.float32, device="cuda")
     low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in tensors.items()}
     # The fp32 reference reads the same rounded values: the offset gradient jumps where a sample crosses a
     # pixel edge, so rounding the offsets alone moves a few of its elements by up to 28% of its largest
@@ -619,3 +622,63 @@ def test_cuda_matches_cpu(ext):
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=2e-4)
     for key in g_cpu:
         torch.testing.assert_close(g_gpu[key].cpu(), g_cpu[key], rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backward_deterministic(ext, dtype):
+    """grad_x is a gather (no atomics): two runs give bit-identical gradients, even where many samples
+    share a cell (offsets pulled towards one corner)."""
+    if not native.cuda_compiled():
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
+    tensors, grad, conv = make_case(26, n=2, c=32, cout=16, h=12, w=12, offset_scale=0.5, offset_shift=-2.0,
+                                    dtype=torch.float32, device="cuda")
+    tensors = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in tensors.items()}
+    y1, g1 = run("native", tensors, grad.to(dtype), conv)
+    y2, g2 = run("native", tensors, grad.to(dtype), conv)
+    assert torch.equal(y1, y2)
+    for key in g1:
+        assert torch.equal(g1[key], g2[key]), key
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("grad_input,budget_kb", [("gather", 1), ("gather", 64), ("atomic", 1), ("atomic", 0)])
+def test_cuda_pixel_blocks_and_grad_input_modes(ext, grad_input, budget_kb):
+    """The CUDA paths a default run does not take: output pixels in blocks (grad_x accumulated in fp32
+    over them) and images in chunks (DYHEAD_DCN_COLUMN_KB), and grad_x by the atomic scatter
+    (DYHEAD_DCN_CUDA_GRAD_INPUT=atomic); both read once per process, hence a subprocess."""
+    if not native.cuda_compiled():
+        pytest.skip("a GPU is present but the extension was built without its CUDA kernels (no nvcc at build time)")
+    proc = _python(
+        """
+        import torch, torchvision
+        from dyhead.ops import native
+        assert native.is_built(), native.status()
+        g = torch.Generator().manual_seed(0)
+        for (n, c, h, w, stride, groups, og, with_mask) in [(1, 16, 13, 11, 1, 1, 1, True), (3, 8, 9, 10, 2, 2, 2, True),
+                                                           (2, 12, 7, 7, 1, 3, 1, False), (5, 32, 6, 9, 1, 1, 2, True)]:
+            ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+            def t(*shape, fn=torch.randn, scale=1.0):
+                return (fn(*shape, generator=g, dtype=torch.float64) * scale).cuda().requires_grad_()
+            x = t(n, c, h, w)
+            off = t(n, 18 * og, ho, wo, scale=2.0)
+            m = t(n, 9 * og, ho, wo, fn=torch.rand) if with_mask else None
+            wt = t(6, c // groups, 3, 3)
+            b = t(6)
+            gy = torch.randn(n, 6, ho, wo, generator=g, dtype=torch.float64).cuda()
+            leaves = [v for v in (x, off, m, wt, b) if v is not None]
+            y1 = native.deform_conv2d(x, off, m, wt, b, stride, 1, 1)
+            g1 = torch.autograd.grad(y1, leaves, gy)
+            y2 = torchvision.ops.deform_conv2d(x, off, wt, b, stride=stride, padding=1, mask=m)
+            g2 = torch.autograd.grad(y2, leaves, gy)
+            torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-9)
+            for a, r in zip(g1, g2):
+                torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9)
+        print("OK")
+        """,
+        DYHEAD_DCN_COLUMN_KB=str(budget_kb),
+        DYHEAD_DCN_CUDA_GRAD_INPUT=grad_input,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr

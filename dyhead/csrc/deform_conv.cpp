@@ -8,10 +8,14 @@
 //             G == 1: out[b] (M, Pc) = bias + W @ columns[b]^T         batched GEMM into the output
 //             G  > 1: out_g (n*Pc, M) = bias + columns_g @ W_g^T, then transposed into the output
 //   backward: grad columns = grad_out^T @ W                           (same buffer as the columns)
-//             grad_x (padded), grad_offset, grad_mask += col2im_coord(grad columns, x, ...)
-//             columns = im2col(...) again, grad_W += grad_out @ columns  (contraction over pixels)
-// The workspace (one column buffer + the padded copies of x and grad_x) is sized to stay below
-// torchvision's column buffer for the same call; see chunking().
+//             CPU : grad_x (padded), grad_offset, grad_mask += col2im_coord(grad columns, x, ...)
+//                   columns = im2col(...) again
+//             CUDA: grad_x (channels-last) by a gather over the grad columns, then one pass that
+//                   writes grad_offset and grad_mask and leaves the columns in the same buffer
+//             grad_W += grad_out @ columns                             (contraction over pixels)
+// On CPU the workspace (one column buffer + the padded copies of x and grad_x) is sized to stay
+// below torchvision's column buffer for the same call; on CUDA chunks are as large as the column
+// budget allows (fewer, larger launches); see chunking().
 #include "deform_conv.h"
 
 #include <ATen/Parallel.h>
@@ -32,7 +36,8 @@ constexpr int64_t kMaxParallelImgs = 32;
 
 // Column buffer budget per chunk (DYHEAD_DCN_COLUMN_KB overrides both; read once). On CPU small
 // chunks keep the column buffer in cache (the GEMMs stay large: rows = images * output pixels); on
-// CUDA larger chunks mean fewer launches. A chunk always holds at least one image.
+// CUDA larger chunks mean fewer launches (512 MiB: COCO's P3 at batch 2 is one chunk in fp32 and
+// bf16). A chunk always holds at least one image.
 int64_t column_budget_bytes(bool cuda) {
   static const int64_t env_kb = [] {
     const char* env = std::getenv("DYHEAD_DCN_COLUMN_KB");
@@ -40,7 +45,7 @@ int64_t column_budget_bytes(bool cuda) {
     return static_cast<int64_t>(v > 0 ? v : 0);
   }();
   if (env_kb > 0) return env_kb * 1024;
-  return cuda ? (int64_t(256) << 20) : (int64_t(1) << 20);
+  return cuda ? (int64_t(512) << 20) : (int64_t(1) << 20);
 }
 
 bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
@@ -152,18 +157,29 @@ at::Tensor narrow_or_undef(const at::Tensor& t, int64_t b0, int64_t n) {
 }
 
 // Chunk geometry: n images x pb output pixels per step.
-// Images: torchvision's workspace is its column buffer for `tv_parallel` images (its largest
-// divisor of the batch <= 32); ours is, per image, the columns plus the padded channels-last
-// copies of x and grad_x, and chunks are sized to stay below that and below the column budget
-// (on CPU small chunks keep the columns in cache). When one image's columns alone exceed the
-// budget, the chunk is one image and its output pixels are taken pb at a time, which bounds the
-// column buffer whatever the image size.
+// CUDA: as many images as the column budget holds. CPU: torchvision's workspace is its column
+// buffer for `tv_parallel` images (its largest divisor of the batch <= 32); ours is, per image,
+// the columns plus the padded channels-last copies of x and grad_x, and chunks are sized to stay
+// below that and below the column budget (small chunks keep the columns in cache). When one
+// image's columns alone exceed the budget, the chunk is one image and its output pixels are taken
+// pb at a time, which bounds the column buffer whatever the image size.
 struct Chunking {
   int64_t images;
   int64_t pixels;
 };
 
 Chunking chunking(const DcnShape& s, int64_t elem_size, bool cuda) {
+  const int64_t per_pixel = s.channels * s.taps() * elem_size;  // one row of columns
+  const int64_t cols = per_pixel * s.out_plane();                // per image
+  if (cuda) {
+    // The kernels index a chunk's columns in 32 bits.
+    const int64_t budget =
+        std::min(column_budget_bytes(true), int64_t(std::numeric_limits<int32_t>::max()) * elem_size);
+    const int64_t nb = std::max<int64_t>(1, std::min(s.n, budget / std::max<int64_t>(1, cols)));
+    int64_t pb = s.out_plane();
+    if (nb == 1 && cols > budget) pb = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_pixel));
+    return {nb, std::min(pb, s.out_plane())};
+  }
   int64_t tv_parallel = 1;
   for (int64_t d = std::min(s.n, kMaxParallelImgs); d >= 1; --d) {
     if (s.n % d == 0) {
@@ -171,18 +187,14 @@ Chunking chunking(const DcnShape& s, int64_t elem_size, bool cuda) {
       break;
     }
   }
-  const int64_t per_pixel = s.channels * s.taps() * elem_size;  // one row of columns
-  const int64_t cols = per_pixel * s.out_plane();                // per image
   const int64_t padded = s.channels * s.padded_plane() * elem_size;
   const int64_t budget = column_budget_bytes(cuda);
   const int64_t by_tv = tv_parallel * cols / (cols + 2 * padded);
   const int64_t by_budget = budget / std::max<int64_t>(1, cols);
   int64_t nb = std::max<int64_t>(1, std::min({s.n, by_tv, by_budget}));
-  if (!cuda) {
-    // A multiple of the thread count, so that the per-image col2im tasks balance.
-    const int64_t threads = at::get_num_threads();
-    if (nb > threads) nb -= nb % threads;
-  }
+  // A multiple of the thread count, so that the per-image col2im tasks balance.
+  const int64_t threads = at::get_num_threads();
+  if (nb > threads) nb -= nb % threads;
   int64_t pb = s.out_plane();
   if (nb == 1 && cols > budget) pb = std::max<int64_t>(1, budget / std::max<int64_t>(1, per_pixel));
   return {nb, std::min(pb, s.out_plane())};
@@ -202,18 +214,30 @@ void im2col(const at::Tensor& input, const at::Tensor& offset, const c10::option
   }
 }
 
-void col2im_coord(const at::Tensor& grad_columns, const at::Tensor& input, const at::Tensor& offset,
-                  const c10::optional<at::Tensor>& mask, at::Tensor& grad_input, at::Tensor& grad_offset,
-                  at::Tensor& grad_mask, const DcnShape& s) {
-  if (input.is_cuda()) {
+// grad columns -> grad_x, grad_offset, grad_mask (each may be undefined; the grad_x layouts are in
+// deform_conv.h). On CUDA, with `write_columns`, the same pass leaves im2col's columns in `cols`;
+// returns whether it did.
+bool col2im_coord(at::Tensor& cols, const at::Tensor& x, const at::Tensor& offset,
+                  const c10::optional<at::Tensor>& mask, at::Tensor& grad_x, bool accumulate, at::Tensor& grad_offset,
+                  at::Tensor& grad_mask, bool write_columns, const DcnShape& s) {
+  if (x.is_cuda()) {
 #ifdef WITH_CUDA
-    col2im_coord_cuda(grad_columns, input, offset, mask, grad_input, grad_offset, grad_mask, s);
+    col2im_coord_cuda(cols, x, offset, mask, grad_x, accumulate, grad_offset, grad_mask, write_columns, s);
+    return write_columns;
 #else
     TORCH_CHECK(false, "dyhead::deform_conv2d_backward: the extension was built without CUDA");
 #endif
-  } else {
-    col2im_coord_cpu(grad_columns, input, offset, mask, grad_input, grad_offset, grad_mask, s);
   }
+  col2im_coord_cpu(cols, x, offset, mask, grad_x, grad_offset, grad_mask, s);
+  return false;
+}
+
+bool cuda_atomic_grad_input() {
+#ifdef WITH_CUDA
+  return cuda_grad_input_atomic();
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -340,13 +364,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     // groups: grad_out is first copied to (G, n*Pc, M).
     at::Tensor go_buf = G > 1 ? at::empty({G * nb * pb * M}, opts) : at::Tensor();
     const at::Tensor w_b = G == 1 ? w_g.expand({nb, M, Kg}) : at::Tensor();
+    const bool cuda = input.is_cuda();
+    // grad_x of a chunk. CPU: padded, accumulated in acc over the pixel blocks. CUDA: unpadded
+    // channels-last, written once in the input dtype when the pixels come in one block (the gather
+    // sums in registers), else accumulated in acc.
+    const bool gx_acc = !cuda || pb < P || cuda_atomic_grad_input();
     for (int64_t b0 = 0; b0 < N; b0 += nb) {
       const int64_t n = std::min(nb, N - b0);
       s.n = n;
       const at::Tensor x = padded_channels_last(input.narrow(0, b0, n));  // (n, H+2, W+2, C)
       const at::Tensor off_c = offset.narrow(0, b0, n);
       const c10::optional<at::Tensor> mask_c = narrow_opt(mask, b0, n);
-      at::Tensor gx = want_input ? at::zeros_like(x, opts.dtype(acc)) : at::Tensor();  // padded, all pixel blocks
+      at::Tensor gx;
+      if (want_input) {
+        const auto gx_opts = gx_acc ? opts.dtype(acc) : opts;
+        gx = cuda ? at::empty({n, s.height, s.width, s.channels}, gx_opts) : at::empty_like(x, gx_opts);
+        if (gx_acc) gx.zero_();
+      }
       at::Tensor goff_c = narrow_or_undef(grad_offset, b0, n);
       at::Tensor gmask_c = narrow_or_undef(grad_mask, b0, n);
       const at::Tensor go_n = grad_out.narrow(0, b0, n).view({n, G, M, P});
@@ -368,11 +402,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
           } else {
             at::bmm_out(cols, go, w_g);  // grad columns (G, n*Pc, Kg)
           }
-          col2im_coord(cols, x, off_c, mask_c, gx, goff_c, gmask_c, s);
         }
+        const bool have_cols = want_cols_grad && col2im_coord(cols, x, off_c, mask_c, gx, gx_acc, goff_c, gmask_c,
+                                                              want_weight, s);
         if (want_weight) {
-          im2col(x, off_c, mask_c, cols, s);
-          if (G == 1) {
+          if (!have_cols) im2col(x, off_c, mask_c, cols, s);
+          if (G == 1 && cuda) {
+            // One batched GEMM for the chunk's images, summed over them in acc.
+            const at::Tensor per_image = at::bmm(go_nmp, cols.view({n, Pc, Kg}));  // (n, M, Kg)
+            grad_wg.view({M, Kg}).add_(n == 1 ? per_image.select(0, 0) : per_image.sum({0}, false, acc));
+          } else if (G == 1) {
             at::Tensor gw2 = grad_wg.view({M, Kg});
             const at::Tensor c3 = cols.view({n, Pc, Kg});
             for (int64_t b = 0; b < n; ++b) {  // sum over images of (M, Pc) @ (Pc, Kg)
@@ -390,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
         }
       }
       if (want_input) {
-        grad_input.narrow(0, b0, n).copy_(gx.narrow(1, 1, s.height).narrow(2, 1, s.width).permute({0, 3, 1, 2}));
+        const at::Tensor image = cuda ? gx : gx.narrow(1, 1, s.height).narrow(2, 1, s.width);
+        grad_input.narrow(0, b0, n).copy_(image.permute({0, 3, 1, 2}));
       }
     }
   }

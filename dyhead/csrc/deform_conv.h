@@ -20,7 +20,8 @@
 // so that for every weight group g the forward is one GEMM  out_g (nb*P, M) = columns_g @ W_g^T,
 // grad columns are  grad_out_g @ W_g  and the weight gradient is  grad_out_g^T @ columns_g, a
 // single contraction over nb * P (W_g is the weight permuted to (M, kk, C/G)).
-// grad_x has the padded layout of x; its border is discarded.
+// On CPU grad_x has the padded layout of x (its border is discarded); on CUDA it is unpadded
+// channels-last (see col2im_coord_cuda).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -69,11 +70,19 @@ void col2im_coord_cpu(const at::Tensor& grad_columns, const at::Tensor& x, const
 void im2col_cuda(const at::Tensor& x, const at::Tensor& offset, const c10::optional<at::Tensor>& mask,
                  at::Tensor& columns, const DcnShape& s);
 
-// grad_x is an fp32 (fp64 for double) accumulation buffer, zeroed by the caller; grad_offset
-// and grad_mask have the input dtype and are fully overwritten.
-void col2im_coord_cuda(const at::Tensor& grad_columns, const at::Tensor& x, const at::Tensor& offset,
-                       const c10::optional<at::Tensor>& mask, at::Tensor& grad_x, at::Tensor& grad_offset,
-                       at::Tensor& grad_mask, const DcnShape& s);
+// From the grad columns (G, nb*P, Kg) in `columns`:
+//   grad_x       (nb, H, W, C) channels-last, unpadded: overwritten (input dtype or fp32/fp64), or,
+//                with `accumulate`, added to (fp32/fp64, zeroed by the caller);
+//   grad_offset / grad_mask  written in the input dtype;
+// then, with `write_columns`, `columns` is overwritten with im2col's columns (for the weight GEMM).
+// Any of the three gradients may be undefined (not wanted).
+void col2im_coord_cuda(at::Tensor& columns, const at::Tensor& x, const at::Tensor& offset,
+                       const c10::optional<at::Tensor>& mask, at::Tensor& grad_x, bool accumulate,
+                       at::Tensor& grad_offset, at::Tensor& grad_mask, bool write_columns, const DcnShape& s);
+
+// DYHEAD_DCN_CUDA_GRAD_INPUT=atomic: grad_x by the atomic scatter, which needs an fp32/fp64 buffer
+// zeroed by the caller and `accumulate` (default `gather`: see the .cu file). Read once.
+bool cuda_grad_input_atomic();
 #endif
 
 }  // namespace dyhead

@@ -15,7 +15,9 @@ Autocast is handled in C++ (see csrc/deform_conv.cpp): CUDA runs in the autocast
 
 Environment: DYHEAD_EXT_DIR (build directory), DYHEAD_DCN_CPU_ISA=default|avx2|avx512 (cap the CPU
 kernel variant; the best the CPU supports by default), DYHEAD_DCN_COLUMN_KB (column buffer budget
-per chunk; default 1 MiB on CPU, 256 MiB on CUDA).
+per chunk; default 1 MiB on CPU, 512 MiB on CUDA), DYHEAD_DCN_CUDA_GRAD_INPUT=gather|atomic (how the
+CUDA backward forms the input gradient: a deterministic gather, the default, or an fp32 atomic
+scatter, kept to measure against).
 """
 from __future__ import annotations
 
