@@ -1,8 +1,10 @@
 # The DAG: data (synth | fetch) -> build-ext -> train -> evaluate -> flops -> reports/tableN.md
-# (and reports/<control>.md for the controls of ours in params/tables.yaml, e.g. coupling).
+# (and reports/<control>.md for the controls of ours in params/tables.yaml, e.g. coupling; and
+# reports/grid_<name>.md for the grids of params/grids.yaml, targets of their own, not in `all`).
 # Which experiments exist and which table rows they feed is defined once, in params/.
 #   snakemake --cores all reports/table2.md                 # embedded default profile: mini
 #   snakemake --cores all reports/table2.md --config profile=coco
+#   snakemake --cores all reports/grid_quick.md             # the five detectors, baseline vs 2 blocks
 import os
 import sys
 from pathlib import Path

@@ -181,21 +181,63 @@ def cmd_report(args) -> None:
     report(args.table, args.profile, args.out)
 
 
+def cmd_results(args) -> None:
+    from dyhead.config import load_matrix
+    from dyhead.report.results import collect, write_results
+
+    frame = collect(args.profile, load_matrix(profile=args.profile))
+    out = write_results(frame, Path(args.out))
+    print(f"wrote {out}: {len(frame)} runs of profile {args.profile}")
+
+
 def cmd_list(args) -> None:
     from dyhead.config import load_matrix
 
     matrix = load_matrix(profile=args.profile)
-    print(f"# experiments and the tables they feed under profile {args.profile}")
+    if args.grid:
+        _list_grid(matrix, args.grid, args.profile)
+        return
+    from dyhead.config import resolve
+
+    print(f"# experiments, how they train and the tables and grids they feed under profile {args.profile}")
     for exp in matrix.experiments:
-        tables = matrix.tables_of(exp)
+        tables, grids = matrix.tables_of(exp), matrix.grids_of(exp)
         if tables or args.all:
-            print(f"{exp:40s} tables: {','.join(tables) or '-'}")
+            settings = _settings(resolve(exp, args.profile, matrix=matrix))
+            print(f"{exp:42s} {settings:55s} tables: {','.join(tables) or '-'}"
+                  + (f"  grids: {','.join(grids)}" if grids else ""))
+
+
+def _list_grid(matrix, name: str, profile: str) -> None:
+    """`dyhead list --grid NAME`: each cell's axis values, its experiment and the tables sharing it."""
+    from dyhead.config import resolve
+    from dyhead.grids import describe
+
+    if name not in matrix.grids:
+        raise DyheadError(f"unknown grid {name!r}; params/grids.yaml defines {', '.join(matrix.grids) or 'none'}")
+    grid = matrix.grids[name]
+    exps = matrix.table_experiments(f"grid_{name}")
+    print(f"# grid {name}: {len(grid['cells'])} cells, {len(exps)} experiments (profile {profile}); "
+          f"rows {','.join(grid['rows'])}, columns {','.join(grid['columns']) or '-'}")
+    for cell in grid["cells"]:
+        exp = cell["experiment"]
+        tables = matrix.tables_of(exp)
+        where = describe(cell["axes"], grid["varied"])
+        print(f"{where:50s} {exp:42s} {_settings(resolve(exp, profile, matrix=matrix))}"
+              + (f"  also in {','.join(tables)}" if tables else ""))
+
+
+def _settings(run) -> str:
+    """'lr 0.01, steps 60000/80000 of 90000, recipe official': how the experiment trains under its profile."""
+    solver = run.profile["solver"]
+    steps = "/".join(str(int(f * run.max_iter)) for f in solver["steps"])
+    return f"lr {solver['base_lr']:g}, steps {steps} of {run.max_iter}, recipe {run.spec.get('recipe', 'paper')}"
 
 
 def cmd_dvc_yaml(args) -> None:
     from dyhead.dvc_stages import render
 
-    text, out = render(args.profile, args.tables), Path(args.out)
+    text, out = render(args.profile, args.tables, args.grids), Path(args.out)
     if args.check:
         if not out.exists() or out.read_text() != text:
             raise DyheadError(f"{out} is not what params/ gives; regenerate: dyhead dvc-yaml --profile {args.profile}")
@@ -302,20 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output JSON (default: runs/<profile>/<experiment>/flops.json)")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("report", help="write reports/<table>.md from the runs' metrics and FLOPs")
-    p.add_argument("table", help="table1 | table2 | ... (params/tables.yaml)")
+    p = sub.add_parser("report", help="write reports/<table>.md and .csv (and reports/results.csv, every run of the "
+                       "profile) from the runs' metrics and FLOPs")
+    p.add_argument("table", help="table1 | table2 | ... (params/tables.yaml) | grid_<name> (params/grids.yaml)")
     _profile_arg(p)
-    p.add_argument("--out", help="output file (default: reports/<table>.md)")
+    p.add_argument("--out", help="output file (default: reports/<table>.md; the .csv beside it)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("results", help="write every run of a profile, one row each, to reports/results.csv")
+    _profile_arg(p)
+    p.add_argument("--out", default="reports/results.csv", help="output CSV (default: reports/results.csv)")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("list", help="list the experiments a profile's tables train, and the tables each feeds")
     _profile_arg(p)
     p.add_argument("--all", action="store_true", help="also the experiments no table of this profile uses")
+    p.add_argument("--grid", metavar="NAME", help="the cells of a grid of params/grids.yaml and their experiments")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("dvc-yaml", help="write dvc.yaml: the tables' experiments as DVC stages (same commands)")
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml: the tables' and grids' experiments as DVC stages (same commands)")
     _profile_arg(p)
     p.add_argument("--tables", nargs="+", help="only these tables (default: all in params/tables.yaml)")
+    p.add_argument("--grids", nargs="+", help="only these grids (default: all in params/grids.yaml; none when "
+                   "--tables is given alone)")
     p.add_argument("--out", default="dvc.yaml", help="output file (default: dvc.yaml)")
     p.add_argument("--check", action="store_true", help="fail if the file differs from what params/ gives")
     p.set_defaults(func=cmd_dvc_yaml)

@@ -1,9 +1,10 @@
 """Profiles, the experiment matrix and the tables: loaded from params/, checked against schemas.
 
-Everything that decides what runs lives in three places under params/:
+Everything that decides what runs lives in four places under params/:
   profiles/<name>.yaml  scale of the run (data, input size, widths, schedule lengths, runtime)
-  experiments.yaml      the experiments (detector, backbone, head switches, schedule, seed)
+  experiments.yaml      the experiments (detector, backbone, head switches, schedule, seed, recipe)
   tables.yaml           tables -> rows -> experiment id + the paper's numbers
+  grids.yaml            grids: axes whose cross product names experiments (dyhead/grids.py expands them)
 A bad key or value fails here, before any job starts, with one line naming file and key.
 """
 from __future__ import annotations
@@ -25,6 +26,32 @@ DEFAULT_PROFILE = "mini"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"  # shipped with the package: validation works outside a checkout
 # Switches not given in an experiment's head default to the full DyHead block.
 HEAD_DEFAULTS = {"scale": True, "spatial": True, "task": True, "high_offsets": "resample"}
+PLACED = ("faster_rcnn", "retinanet")  # detectors with a second DyHead placement (the official code's)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an experiment trains where the paper's text and a released config disagree (`recipe:` in
+    params/experiments.yaml; the id says it unless it is the paper's)."""
+
+    summary: str  # one sentence for the reports
+    detectors: tuple[str, ...] | None = None  # the detectors it is defined for; None: every one
+    lr_scale: float = 1.0  # times the profile's base lr
+    steps: tuple[float, ...] | None = None  # lr steps as fractions of the schedule; None: the profile's
+    pred_kernel: int = 3  # ATSS: kernel of the cls, box and centerness predictor convs
+
+
+RECIPES = {
+    "paper": Recipe("the paper's text: the profile's base lr and lr steps, 3×3 predictor convs"),
+    # microsoft/DynamicHead configs/dyhead_r50_atss_fpn_1x.yaml and extra/atss.py. Its other differences
+    # from the paper need no switch here: a DyHead head has no towers in both recipes, and our ATSS already
+    # centres its anchors at (i + 0.5) * stride, the official ANCHOR_GENERATOR.OFFSET 0.5.
+    "official": Recipe(
+        "microsoft/DynamicHead's ATSS config: base lr 0.01 at batch 16 (half the paper's 0.02), lr steps at "
+        "60k and 80k of 90k iterations (2/3 and 8/9 of any schedule), 1×1 cls, box and centerness predictor "
+        "convs; no towers and anchors at offset 0.5 as in the paper recipe",
+        detectors=("atss",), lr_scale=0.5, steps=(2 / 3, 8 / 9), pred_kernel=1),
+}
 
 
 def repo_root() -> Path:
@@ -62,55 +89,113 @@ def validate(data: dict, schema: str, path: Path) -> None:
         raise DyheadError(f"{path}: {key}: {err.message}")
 
 
-def canonical_id(spec: dict) -> str:
-    """detector-backbone-head-schedule[-ms][-seedN]; head is 'base', 'tower<N>[shared]' (baseline towers
-    of another depth, or one tower for cls and reg) or 'dyh<N>-<LSC switches>[-<placement>]'.
+def attention_letters(head: dict) -> str:
+    """'LSC' for a DyHead head with scale (L), spatial (S) and task (C) attention on; 'none' with all off."""
+    h = {**HEAD_DEFAULTS, **head}
+    return "".join(c for c, on in (("L", h["scale"]), ("S", h["spatial"]), ("C", h["task"])) if on) or "none"
 
-    '-' separates the fields, so a backbone like 'x101-dcn' is written 'x101dcn'; '-ms' marks
-    multi-scale training.
-    """
+
+def head_name(spec: dict) -> str:
+    """The head field of an id: 'base', 'tower<N>[shared]' or 'dyh<N>-<LSC>[-<high_offsets>][-<placement>]'."""
     head = spec["head"]
     if head["blocks"] == 0:  # 'base' = the paper's two 4-conv towers; 'tower<N>[shared]' otherwise
         convs, shared = head.get("tower_convs", 4), head.get("tower_shared", False)
-        head_name = "base" if (convs, shared) == (4, False) else f"tower{convs}" + ("shared" if shared else "")
-    else:
-        h = {**HEAD_DEFAULTS, **head}
-        switches = "".join(c for c, on in (("L", h["scale"]), ("S", h["spatial"]), ("C", h["task"])) if on) or "none"
-        head_name = f"dyh{head['blocks']}-{switches}"
-        if h["high_offsets"] != "resample":
-            head_name += f"-{h['high_offsets']}"
-        if spec.get("placement", "paper") != "paper":  # the official code's placement (Faster R-CNN, RetinaNet)
-            head_name += f"-{spec['placement']}"
-    name = f"{spec['detector']}-{spec['backbone'].replace('-', '')}-{head_name}-{spec['schedule']}"
+        return "base" if (convs, shared) == (4, False) else f"tower{convs}" + ("shared" if shared else "")
+    name = f"dyh{head['blocks']}-{attention_letters(head)}"
+    if head.get("high_offsets", "resample") != "resample":
+        name += f"-{head['high_offsets']}"
+    if spec.get("placement", "paper") != "paper":  # the official code's placement (Faster R-CNN, RetinaNet)
+        name += f"-{spec['placement']}"
+    return name
+
+
+def canonical_id(spec: dict) -> str:
+    """detector-backbone-head-schedule[-ms][-recipe_<name>][-seedN]; head is 'base', 'tower<N>[shared]'
+    (baseline towers of another depth, or one tower for cls and reg) or 'dyh<N>-<LSC switches>[-<placement>]'.
+
+    '-' separates the fields, so a backbone like 'x101-dcn' is written 'x101dcn'; '-ms' marks
+    multi-scale training; '-recipe_official' a recipe other than the paper's.
+    """
+    name = f"{spec['detector']}-{spec['backbone'].replace('-', '')}-{head_name(spec)}-{spec['schedule']}"
     if spec.get("multiscale"):
         name += "-ms"
+    if spec.get("recipe", "paper") != "paper":
+        name += f"-recipe_{spec['recipe']}"
     if spec.get("seed"):
         name += f"-seed{spec['seed']}"
     return name
 
 
+def spec_axes(spec: dict) -> dict:
+    """What an experiment is, axis by axis (grids, MLflow tags, reports/results.csv); '-' where an axis
+    does not apply (a baseline head has no attentions, placement or offsets)."""
+    head = {**HEAD_DEFAULTS, **spec["head"]}
+    dyh = head["blocks"] > 0
+    return {"detector": spec["detector"], "backbone": spec["backbone"], "head": head_name(spec),
+            "blocks": head["blocks"], "attentions": attention_letters(head) if dyh else "-",
+            "placement": spec.get("placement", "paper") if dyh else "-",
+            "high_offsets": head["high_offsets"] if dyh else "-", "schedule": spec["schedule"],
+            "multiscale": bool(spec.get("multiscale", False)), "seed": spec.get("seed", 0),
+            "recipe": spec.get("recipe", "paper")}
+
+
+def spec_problem(spec: dict) -> tuple[str, str] | None:
+    """(key, why) when fields that each validate make no experiment together; None when they do."""
+    head = spec["head"]
+    tower_keys = sorted({"tower_convs", "tower_shared"} & set(head))
+    if tower_keys and (spec["detector"] != "atss" or head["blocks"] > 0):
+        return f"head.{tower_keys[0]}", "applies to the ATSS baseline head (detector atss, blocks 0) only"
+    if "placement" in spec and spec["detector"] not in PLACED:
+        return "placement", f"applies to {' and '.join(PLACED)} only, not {spec['detector']!r}"
+    if spec.get("placement", "paper") != "paper" and head["blocks"] == 0:
+        return "placement", "places a DyHead head (blocks > 0); a baseline head has none"
+    recipe = RECIPES[spec.get("recipe", "paper")]
+    if recipe.detectors and spec["detector"] not in recipe.detectors:
+        return "recipe", f"{spec['recipe']!r} is defined for {', '.join(recipe.detectors)} only, not {spec['detector']!r}"
+    return None
+
+
+GRID_PREFIX = "grid_"  # reports/grid_<name>.md: a grid's report, named beside the tables'
+
+
 @dataclass(frozen=True)
 class Matrix:
-    """The experiments and tables, cross-checked; for one profile when loaded with one.
+    """The experiments, tables and grids, cross-checked; for one profile when loaded with one.
 
     Under a profile, a table with `profile_schedule: {<profile>: <schedule>}` names, in each row, the
     experiment at that schedule instead (its own experiment with the schedule field changed; added to
-    `experiments`), and the row keeps the paper's experiment as `paper_experiment`.
+    `experiments`), and the row keeps the paper's experiment as `paper_experiment`; rows with
+    `profiles: [...]` that do not name the profile are left out. A report name is a table's, or
+    `grid_<name>` for a grid (dyhead/grids.py).
     """
 
     experiments: dict
     tables: dict
     profile: str | None = None
+    grids: dict = field(default_factory=dict)  # name -> expanded grid (dyhead.grids.expand_grid)
+    # experiment -> the key of params/experiments.yaml that defines it (DVC tracks that key per experiment)
+    param_keys: dict = field(default_factory=dict)
+
+    @property
+    def reports(self) -> list[str]:
+        """Every report name: the tables, then grid_<name> per grid."""
+        return sorted(self.tables) + [GRID_PREFIX + g for g in self.grids]
 
     def table_experiments(self, table: str) -> list[str]:
+        """The experiments a table (or a grid's report, `grid_<name>`) reads, each once."""
+        if table.startswith(GRID_PREFIX) and table.removeprefix(GRID_PREFIX) in self.grids:
+            return list(dict.fromkeys(c["experiment"] for c in self.grids[table.removeprefix(GRID_PREFIX)]["cells"]))
         if table not in self.tables:
-            raise DyheadError(f"unknown table {table!r}; params/tables.yaml defines {', '.join(sorted(self.tables))}")
+            raise DyheadError(f"unknown table {table!r}; params/ defines {', '.join(self.reports)}")
         t = self.tables[table]
         ids = [row["experiment"] for row in t["rows"]] + list(t.get("noise", []))
         return list(dict.fromkeys(ids))
 
     def tables_of(self, exp_id: str) -> list[str]:
         return [name for name in sorted(self.tables) if exp_id in self.table_experiments(name)]
+
+    def grids_of(self, exp_id: str) -> list[str]:
+        return [name for name, grid in self.grids.items() if any(c["experiment"] == exp_id for c in grid["cells"])]
 
 
 def at_schedule(exp_id: str, spec: dict, schedule: str) -> tuple[str, dict]:
@@ -122,7 +207,7 @@ def at_schedule(exp_id: str, spec: dict, schedule: str) -> tuple[str, dict]:
 
 
 def _apply_profile_schedules(experiments: dict, tables: dict, profile: str | None, tab_path: Path,
-                             known_profiles: list[str]) -> tuple[dict, dict]:
+                             known_profiles: list[str], param_keys: dict) -> tuple[dict, dict]:
     """Add the experiments every `profile_schedule` asks for (they exist under any profile, e.g. for FLOPs
     on coco), and under `profile` point the rows of its tables at them."""
     experiments, out = dict(experiments), {}
@@ -137,6 +222,7 @@ def _apply_profile_schedules(experiments: dict, tables: dict, profile: str | Non
                 if experiments.setdefault(exp_id, spec) != spec:
                     raise DyheadError(f"{tab_path}: {name}.profile_schedule.{prof}: {exp} at {schedule} is {exp_id}, "
                                       "which params/experiments.yaml defines with other fields")
+                param_keys.setdefault(exp_id, param_keys[exp])  # defined by the paper's experiment
                 if prof == profile:
                     renamed[exp] = exp_id
         if not renamed:
@@ -148,24 +234,43 @@ def _apply_profile_schedules(experiments: dict, tables: dict, profile: str | Non
     return experiments, out
 
 
+def _rows_for_profile(tables: dict, profile: str | None, tab_path: Path, known_profiles: list[str]) -> dict:
+    """Each table with the rows of `profile` only (a row's `profiles`, when given, names where it runs);
+    without a profile, every row."""
+    out = {}
+    for name, table in tables.items():
+        for i, row in enumerate(table["rows"]):
+            for prof in row.get("profiles", []):
+                if prof not in known_profiles:
+                    raise DyheadError(f"{tab_path}: {name}.rows.{i}.profiles: no params/profiles/{prof}.yaml "
+                                      f"(profiles: {', '.join(known_profiles)})")
+        rows = [row for row in table["rows"] if profile is None or profile in row.get("profiles", [profile])]
+        out[name] = {**table, "rows": rows}
+    return out
+
+
 def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
-    """The experiments and tables of params/; under `profile`, with its table schedules applied."""
+    """The experiments, tables and grids of params/; under `profile`, with its table schedules and rows applied."""
+    from dyhead.grids import load_grids  # grids.py builds on this module's naming rule
+
     root = root or repo_root()
     exp_path, tab_path = root / "params" / "experiments.yaml", root / "params" / "tables.yaml"
-    experiments = load_yaml(exp_path)
-    validate(experiments, "experiments", exp_path)
-    experiments = experiments["experiments"]
+    raw = load_yaml(exp_path)
+    validate(raw, "experiments", exp_path)
+    experiments = raw["experiments"]
     for exp_id, spec in experiments.items():
         expected = canonical_id(spec)
         if exp_id != expected:
             raise DyheadError(f"{exp_path}: experiments.{exp_id}: id does not match its fields (expected {expected!r})")
-        tower_keys = sorted({"tower_convs", "tower_shared"} & set(spec["head"]))
-        if tower_keys and (spec["detector"] != "atss" or spec["head"]["blocks"] > 0):
-            raise DyheadError(f"{exp_path}: experiments.{exp_id}.head.{tower_keys[0]}: applies to the ATSS baseline "
-                              "head (detector atss, blocks 0) only")
+        problem = spec_problem(spec)
+        if problem:
+            raise DyheadError(f"{exp_path}: experiments.{exp_id}.{problem[0]}: {problem[1]}")
+    param_keys = {exp_id: f"experiments.{exp_id}" for exp_id in experiments}
     tables = load_yaml(tab_path)
     validate(tables, "tables", tab_path)
     for name, table in tables.items():
+        if name.startswith(GRID_PREFIX):
+            raise DyheadError(f"{tab_path}: {name}: names starting with {GRID_PREFIX!r} are grids' reports; rename the table")
         for i, row in enumerate(table["rows"]):
             if row["experiment"] not in experiments:
                 raise DyheadError(f"{tab_path}: {name}.rows.{i}.experiment: unknown experiment {row['experiment']!r}")
@@ -175,8 +280,21 @@ def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
         for exp_id in table.get("noise", []):
             if exp_id not in experiments:
                 raise DyheadError(f"{tab_path}: {name}.noise: unknown experiment {exp_id!r}")
-    experiments, tables = _apply_profile_schedules(experiments, tables, profile, tab_path, profile_names(root))
-    return Matrix(experiments, tables, profile)
+    known = profile_names(root)
+    tables = _rows_for_profile(tables, profile, tab_path, known)
+    experiments, tables = _apply_profile_schedules(experiments, tables, profile, tab_path, known, param_keys)
+    # experiments only a grid names take their detector's defaults; DVC tracks those (the id says the rest)
+    defaults = raw.get("detector_defaults", {})
+    grids = load_grids(root, experiments, defaults)
+    for grid in grids.values():
+        for cell in grid["cells"]:
+            if cell["experiment"] not in experiments:
+                experiments[cell["experiment"]] = cell["spec"]
+                detector = cell["spec"]["detector"]
+                param_keys[cell["experiment"]] = (f"detector_defaults.{detector}" if detector in defaults
+                                                  else "detector_defaults" if "detector_defaults" in raw
+                                                  else "experiments")
+    return Matrix(experiments, tables, profile, grids, param_keys)
 
 
 def profile_names(root: Path | None = None) -> list[str]:
@@ -211,6 +329,7 @@ class RunConfig:
     spec: dict
     profile: dict = field(repr=False)
     tables: tuple[str, ...] = ()  # the tables of params/tables.yaml that report this experiment
+    grids: tuple[str, ...] = ()  # the grids of params/grids.yaml that name it
 
     @property
     def run_dir(self) -> Path:
@@ -227,6 +346,10 @@ class RunConfig:
     @property
     def head(self) -> dict:
         return {**HEAD_DEFAULTS, **self.spec["head"]}
+
+    @property
+    def recipe(self) -> Recipe:
+        return RECIPES[self.spec.get("recipe", "paper")]
 
     @property
     def backbone(self) -> dict:
@@ -309,5 +432,12 @@ def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None 
         if profile_name in over.get("profile_clip_grad_norm", {}):
             solver["clip_grad_norm"] = over["profile_clip_grad_norm"][profile_name]
         profile = {**profile, "solver": solver}
-    return RunConfig(exp_id, profile_name, spec, profile, tuple(matrix.tables_of(exp_id)))
+    recipe = RECIPES[spec.get("recipe", "paper")]
+    if recipe.lr_scale != 1.0 or recipe.steps is not None:  # the recipe's solver, under every profile
+        solver = {**profile["solver"], "base_lr": profile["solver"]["base_lr"] * recipe.lr_scale}
+        if recipe.steps is not None:
+            solver["steps"] = list(recipe.steps)
+        profile = {**profile, "solver": solver}
+    return RunConfig(exp_id, profile_name, spec, profile, tuple(matrix.tables_of(exp_id)),
+                     tuple(matrix.grids_of(exp_id)))
 

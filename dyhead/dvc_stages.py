@@ -5,16 +5,20 @@ schedules it (locally, on SLURM), DVC versions what it makes. Stages, for one pr
   synth (+ pretrain@<backbone>) | fetch_coco, fetch_weights@<file>, build_ext
                                                           the inputs every training needs
   train@<id>, evaluate@<id>, flops@<id>, evaluate_tta@<id>  per experiment (foreach over the ids
-                                                          of the tables that report them)
-  report-<table>                                          per table (DVC cannot template dep lists)
+                                                          of the tables and grids that report them)
+  report-<table>, report-grid_<name>                      per table and grid (DVC cannot template dep lists)
 The commands are the Snakemake rules' shell commands without their `2>&1 | tee <log>` (a test
 compares them job by job). Trainings and evaluations say `--processes auto` (dyhead/engine/launch.py):
 on a node with GPUs and a CUDA profile each runs one torchrun over all of them, on CPU one process.
 Checkpoints and predictions are cached outs, pushed to the remote; metrics.json and flops.json are
-uncached `metrics`; train.json and the reports uncached outs.
+uncached `metrics`; train.json and the reports (.md, .csv) uncached outs. Every report also rewrites
+reports/results.csv (every run of the profile), which no stage declares: DVC refuses one output of several
+stages.
 
 Each experiment stage tracks the params it reads, and only those, so a changed hyperparameter
-re-runs exactly the experiments it touches: its own entry `experiments.<id>`, and of the profile
+re-runs exactly the experiments it touches: the key of params/experiments.yaml that defines it (its own
+entry `experiments.<id>`; the paper's entry for a row a `profile_schedule` retrains; `detector_defaults.<detector>`
+for an experiment only a grid names, whose id says everything else), and of the profile
 `data`, `input`, `runtime`, the shared `model.*` keys, `model.backbones.<its backbone>`, the
 solver keys (logging and checkpoint periods excluded) and `solver.schedules.<its schedule>`.
 """
@@ -22,8 +26,8 @@ from __future__ import annotations
 
 import yaml
 
-from dyhead.config import (PRETRAINED, Matrix, load_matrix, load_profile, pretrained_path, repo_root,
-                           weights_file)
+from dyhead.config import (GRID_PREFIX, PRETRAINED, Matrix, load_matrix, load_profile, pretrained_path,
+                           repo_root, weights_file)
 from dyhead.errors import DyheadError
 
 HEADER = """\
@@ -68,7 +72,8 @@ def _foreach(ids: list[str], matrix: Matrix, stage: dict) -> dict:
     for exp in ids:
         if "." in exp:  # DVC reads `experiments.<id>` as a path of keys
             raise DyheadError(f"params/experiments.yaml: {exp}: a '.' in an id cannot be tracked by DVC")
-    items = {exp: Inline(backbone=matrix.experiments[exp]["backbone"], schedule=matrix.experiments[exp]["schedule"])
+    items = {exp: Inline(backbone=matrix.experiments[exp]["backbone"], schedule=matrix.experiments[exp]["schedule"],
+                         params=matrix.param_keys[exp])
              for exp in ids}
     return {"foreach": items, "do": stage}
 
@@ -114,17 +119,23 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
     return stages, data_deps
 
 
+def _has_flops(matrix: Matrix, report: str) -> bool:
+    """A grid prints GFLOPs in every cell; a table where it says `flops: true`."""
+    return report not in matrix.tables or bool(matrix.tables[report].get("flops"))
+
+
 def experiment_stages(profile_name: str, profile: dict, matrix: Matrix, tables: list[str], data_deps: list[str],
                       weights: dict[str, str]) -> dict:
-    """train / evaluate / evaluate_tta / flops per experiment (foreach over the ids of `tables`)."""
+    """train / evaluate / evaluate_tta / flops per experiment (foreach over the ids of the reports `tables`)."""
     ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
-    flops_ids = list(dict.fromkeys(e for t in tables if matrix.tables[t].get("flops") for e in matrix.table_experiments(t)))
-    tta_ids = list(dict.fromkeys(r["experiment"] for t in tables for r in matrix.tables[t]["rows"] if r.get("tta")))
+    flops_ids = list(dict.fromkeys(e for t in tables if _has_flops(matrix, t) for e in matrix.table_experiments(t)))
+    tta_ids = list(dict.fromkeys(r["experiment"] for t in tables if t in matrix.tables
+                                 for r in matrix.tables[t]["rows"] if r.get("tta")))
     threads, runs = profile["runtime"]["threads"], f"runs/{profile_name}"
     pfile = f"params/profiles/{profile_name}.yaml"
 
     def exp_params(stage: str) -> list[dict]:
-        return [{"params/experiments.yaml": ["experiments.${key}"]}, {pfile: experiment_param_keys(profile, stage)}]
+        return [{"params/experiments.yaml": ["${item.params}"]}, {pfile: experiment_param_keys(profile, stage)}]
 
     stages: dict = {}
     train_deps = data_deps + ["build/ext/manifest.json"] + CODE
@@ -157,29 +168,39 @@ def experiment_stages(profile_name: str, profile: dict, matrix: Matrix, tables: 
 
 
 def report_stage(table: str, profile_name: str, matrix: Matrix) -> dict:
-    """report-<table>: DVC cannot template dependency lists, so one stage per table."""
-    spec, runs = matrix.tables[table], f"runs/{profile_name}"
+    """report-<table> (or report-grid_<name>): DVC cannot template dependency lists, so one stage per report."""
+    runs = f"runs/{profile_name}"
     exps = matrix.table_experiments(table)
     deps = [f"{runs}/{e}/metrics.json" for e in exps] + [f"{runs}/{e}/train.json" for e in exps]
-    if spec.get("flops"):
+    if _has_flops(matrix, table):
         deps += [f"{runs}/{e}/flops.json" for e in exps]
-    deps += [f"{runs}/{r['experiment']}/metrics_tta.json" for r in spec["rows"] if r.get("tta")]
+    if table in matrix.tables:
+        deps += [f"{runs}/{r['experiment']}/metrics_tta.json" for r in matrix.tables[table]["rows"] if r.get("tta")]
+        source = {"params/tables.yaml": [table]}
+    else:
+        source = {"params/grids.yaml": [f"grids.{table.removeprefix(GRID_PREFIX)}"]}
     return {"cmd": f"dyhead report {table} --profile {profile_name} --out reports/{table}.md",
             "deps": deps + ["dyhead/report"],
-            "params": [{"params/tables.yaml": [table]}, {f"params/profiles/{profile_name}.yaml": None}],
-            "outs": [{f"reports/{table}.md": UNCACHED}]}
+            "params": [source, {f"params/profiles/{profile_name}.yaml": None}],
+            "outs": [{f"reports/{table}.md": UNCACHED}, {f"reports/{table}.csv": UNCACHED}]}
 
 
-def build_stages(profile_name: str, tables: list[str] | None = None) -> dict:
+def build_stages(profile_name: str, tables: list[str] | None = None, grids: list[str] | None = None) -> dict:
+    """Every table and grid by default; naming tables alone leaves the grids out."""
     root = repo_root()
     matrix, profile = load_matrix(root, profile_name), load_profile(profile_name, root)
-    tables = tables or sorted(matrix.tables)
-    ids = list(dict.fromkeys(e for t in tables for e in matrix.table_experiments(t)))
+    for grid in grids or []:
+        if grid not in matrix.grids:
+            raise DyheadError(f"unknown grid {grid!r}; params/grids.yaml defines {', '.join(matrix.grids) or 'none'}")
+    if tables is None and grids is None:
+        tables, grids = sorted(matrix.tables), list(matrix.grids)
+    reports = list(tables or []) + [GRID_PREFIX + g for g in grids or []]
+    ids = list(dict.fromkeys(e for t in reports for e in matrix.table_experiments(t)))
     weights = _weights(matrix, profile_name, profile, ids)
     stages, data_deps = input_stages(profile_name, profile, weights)
-    stages.update(experiment_stages(profile_name, profile, matrix, tables, data_deps, weights))
-    for table in tables:
-        stages[f"report-{table}"] = report_stage(table, profile_name, matrix)
+    stages.update(experiment_stages(profile_name, profile, matrix, reports, data_deps, weights))
+    for report in reports:
+        stages[f"report-{report}"] = report_stage(report, profile_name, matrix)
     return {"stages": stages}
 
 
@@ -190,7 +211,7 @@ def _weights(matrix: Matrix, profile_name: str, profile: dict, ids: list[str]) -
             if profile["model"]["backbones"].get(b, {}).get("weights")}
 
 
-def render(profile_name: str, tables: list[str] | None = None) -> str:
-    body = yaml.dump(build_stages(profile_name, tables), Dumper=_Dumper, sort_keys=False, width=110,
+def render(profile_name: str, tables: list[str] | None = None, grids: list[str] | None = None) -> str:
+    body = yaml.dump(build_stages(profile_name, tables, grids), Dumper=_Dumper, sort_keys=False, width=110,
                      allow_unicode=True)
     return HEADER.format(profile=profile_name) + body

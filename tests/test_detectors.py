@@ -28,7 +28,7 @@ from dyhead.modeling.detectors.reppoints import (
 )
 from dyhead.modeling.detectors.retinanet import RetinaNet, RetinaNetConfig, make_anchors, match_anchors
 from dyhead.modeling.dyhead import DyHead, DyHeadConfig
-from tests.helpers import REPO
+from tests.helpers import REPO, write_fake_run
 
 K = 3  # classes in the tiny models
 LOG2 = math.log(2.0)
@@ -484,30 +484,24 @@ def test_canonical_id_names_a_non_default_placement():
 
 
 def test_table3_report_pairs_rows_and_says_where_dyhead_helps(repo_copy):
+    from dyhead.report.results import collect
     from dyhead.report.tables import render_table
 
     matrix = load_matrix()
     table = matrix.tables["table3"]
-    aps = {}
-    for i, row in enumerate(table["rows"]):
-        base = row["label"]["DyHead"] == ""
-        aps[row["experiment"]] = 20.0 if base else (23.0 if row["label"]["detector"] != "FCOS" else 18.5)
-    runs = repo_copy / "runs"
-    for exp, ap in aps.items():
-        d = runs / "mini" / exp
-        d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({"metrics": {"AP": ap, "AP50": ap + 10, "AP75": ap - 5},
-                                                    "annotations": "val.json", "images": 10}))
-        (d / "flops.json").write_text(json.dumps({"coco": {"gmacs": 200.0 + len(exp)}}))
+    for row in table["rows"]:
+        exp, base = row["experiment"], row["label"]["DyHead"] == ""
+        ap = 20.0 if base else (23.0 if row["label"]["detector"] != "FCOS" else 18.5)
         lr = 0.01 if exp.startswith("retinanet") else 0.02  # as the lr_scale override trains them
-        (d / "train.json").write_text(json.dumps({"iterations": 5, "config": {"profile_settings": {
-            "solver": {"base_lr": lr}}}}))
-    text = render_table("table3", matrix, "mini", runs)
+        write_fake_run(repo_copy, "mini", exp, ap, gmacs=200.0 + len(exp), base_lr=lr, iterations=5,
+                       spec=matrix.experiments[exp])
+    text = render_table("table3", matrix, "mini", collect("mini", matrix, repo_copy / "runs"))
     assert "| Faster R-CNN | ✓ official | " in text
     row = next(line for line in text.splitlines() if line.startswith("| FCOS | ✓ |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{200.0 + len('fcos-r50-dyh6-LSC-1x'):.2f}"  # absolute GFLOPs
-    assert cells[3:5] == ["-1.50", "+1.20"]  # gain against FCOS's own baseline, ours and the paper's
+    assert cells[3:5] == ["18.50", "40.00"]  # AP, ours and the paper's
+    assert cells[5:7] == ["-1.50", "+1.20"]  # gain against FCOS's own baseline, ours and the paper's
     assert "it does not for FCOS (-1.50)" in text
     assert "RetinaNet (+3.00)" in text and "Faster R-CNN official (+3.00)" in text
     assert "RetinaNet official (+3.00)" in text
@@ -622,30 +616,25 @@ def test_tower_options_are_refused_outside_the_atss_baseline(repo_copy):
 
 
 def test_control_report_is_headed_as_ours_with_its_note(repo_copy):
+    from dyhead.report.results import collect
     from dyhead.report.tables import render_table
 
     matrix = load_matrix()
-    runs = repo_copy / "runs"
     for i, exp in enumerate(matrix.table_experiments("coupling")):
-        d = runs / "mini" / exp
-        d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({"metrics": {"AP": 20.0 - i, "AP50": 30.0, "AP75": 10.0},
-                                                    "annotations": "val.json", "images": 10}))
-        (d / "flops.json").write_text(json.dumps({"coco": {"gmacs": 250.0 + i}}))
-        (d / "train.json").write_text(json.dumps({"iterations": 5}))
-    text = render_table("coupling", matrix, "mini", runs)
+        write_fake_run(repo_copy, "mini", exp, 20.0 - i, gmacs=250.0 + i, iterations=5, spec=matrix.experiments[exp])
+    text = render_table("coupling", matrix, "mini", collect("mini", matrix, repo_copy / "runs"))
     assert text.startswith("# Control (coupling): Coupled head or attention?")
     assert "Not a table of the paper." in text
     row = next(line for line in text.splitlines() if line.startswith("| shared | 6 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3:5] == ["+3.00", "–"]  # FLOPs change against the baseline; the paper has no such row
-    assert cells[6:10] == ["-3.00", "–", "17.00", "–"]  # AP gain (ours, paper), AP (ours, paper)
+    assert cells[6:10] == ["17.00", "–", "-3.00", "–"]  # AP (ours, paper), AP gain (ours, paper)
 
 
 def test_reports_say_where_the_backbones_start():
     from dyhead.config import load_profile
-    from dyhead.report.tables import _backbone_start
+    from dyhead.report.text import backbone_start
 
-    assert _backbone_start(load_profile("coco", REPO)) == "backbones from ImageNet weights"
-    assert _backbone_start(load_profile("mini", REPO)).startswith("backbones from `dyhead pretrain`")
-    assert _backbone_start({"model": {"backbones": {"r50": {}}}}) == "backbones from random weights"
+    assert backbone_start(load_profile("coco", REPO)) == "backbones from ImageNet weights"
+    assert backbone_start(load_profile("mini", REPO)).startswith("backbones from `dyhead pretrain`")
+    assert backbone_start({"model": {"backbones": {"r50": {}}}}) == "backbones from random weights"

@@ -30,16 +30,36 @@ def test_snakemake_and_dvc_run_the_same_experiments_with_the_same_commands(dvc_r
         shutil.copy(REPO / "dvc.yaml", dvc_repo / "dvc.yaml")
     else:
         dyhead("dvc-yaml", "--profile", profile, cwd=dvc_repo)
+    import dyhead.config as config
+
+    matrix = config.load_matrix(REPO, profile)  # mini's Table 3 trains 3x (profile_schedule)
     dvc_view = dvc_stages(dvc_repo)
-    smk_view = snakemake_commands(dvc_repo, profile, ["all"])
+    # DVC holds every table and grid; Snakemake's `all` the tables, the grids are targets of their own
+    smk_view = snakemake_commands(dvc_repo, profile, ["all"] + [f"reports/grid_{g}.md" for g in matrix.grids])
     assert sorted(dvc_view) == sorted(smk_view)
     for name, cmd in smk_view.items():
         assert dvc_view[name] == cmd, name
     trained = {n.split("@")[1] for n in dvc_view if n.startswith("train@")}
-    import dyhead.config as config
+    assert trained == {e for t in matrix.reports for e in matrix.table_experiments(t)}
+    assert {"report-grid_paper", "report-grid_quick"} <= set(dvc_view)
 
-    matrix = config.load_matrix(REPO, profile)  # mini's Table 3 trains 3x (profile_schedule)
-    assert trained == {e for t in matrix.tables for e in matrix.table_experiments(t)}
+
+def test_every_experiment_stage_tracks_the_params_key_that_defines_it():
+    """An experiment of params/experiments.yaml tracks its entry; one a profile_schedule retrains, the entry it
+    retrains (mini's 3x Table 3); one only a grid names, its detector's detector_defaults (its id says the rest)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    items = stages["train"]["foreach"]
+    assert stages["train"]["do"]["params"][0] == {"params/experiments.yaml": ["${item.params}"]}
+    assert items["atss-r50-base-1x"]["params"] == "experiments.atss-r50-base-1x"
+    assert items["fcos-r50-dyh6-LSC-3x"]["params"] == "experiments.fcos-r50-dyh6-LSC-1x"
+    assert items["fcos-r101-dyh6-LSC-1x"]["params"] == "detector_defaults.fcos"
+    experiments = yaml.safe_load((REPO / "params/experiments.yaml").read_text())
+    for item in items.values():  # every key exists, or `dvc repro` stops on it
+        node = experiments
+        for part in item["params"].split("."):
+            node = node[part]
+    assert stages["report-grid_quick"]["params"][0] == {"params/grids.yaml": ["grids.quick"]}
+    assert {"reports/grid_quick.csv": {"cache": False}} in stages["report-grid_quick"]["outs"]
 
 
 def _fake_outputs(root: Path) -> None:
@@ -75,10 +95,10 @@ def test_a_changed_hyperparameter_reruns_exactly_the_experiments_it_touches(dvc_
     _fake_outputs(root)
     dvc("commit", "-f", "-q", cwd=root)
     assert _changed(root) == set()
-    matrix = __import__("dyhead.config", fromlist=["load_matrix"]).load_matrix(root)
-    ids = {e for t in matrix.tables for e in matrix.table_experiments(t)}
+    matrix = __import__("dyhead.config", fromlist=["load_matrix"]).load_matrix(root, "tiny")
+    ids = {e for t in matrix.reports for e in matrix.table_experiments(t)}
     tta = {r["experiment"] for t in matrix.tables.values() for r in t["rows"] if r.get("tta")}
-    reports = {f"report-{t}" for t in matrix.tables}  # a report reads the whole profile: cheap, always redone
+    reports = {f"report-{t}" for t in matrix.reports}  # a report reads the whole profile: cheap, always redone
     profile = root / "params/profiles/tiny.yaml"
 
     stages = set(dvc_stages(root))
@@ -103,6 +123,20 @@ def test_a_changed_hyperparameter_reruns_exactly_the_experiments_it_touches(dvc_
     before = _edit_yaml(profile, lambda p: p["solver"].update({"log_period": 3}))
     assert _changed(root) == reports
     profile.write_text(before)
+
+    # RetinaNet's defaults for experiments only a grid names: those, nothing else
+    grid_retinanet = {e for e in ids if matrix.param_keys[e] == "detector_defaults.retinanet"}
+    assert grid_retinanet
+    experiments = root / "params/experiments.yaml"
+    before = _edit_yaml(experiments, lambda x: x["detector_defaults"]["retinanet"]["solver"].update({"lr_scale": 0.4}))
+    assert _changed(root) == experiment_stages(grid_retinanet, ("train", "evaluate", "flops"))
+    experiments.write_text(before)
+
+    # a grid's layout: its report alone
+    grids = root / "params/grids.yaml"
+    before = _edit_yaml(grids, lambda g: g["grids"]["quick"].update({"title": "other"}))
+    assert _changed(root) == {"report-grid_quick"}
+    grids.write_text(before)
 
     # a paper number of Table 1: its report alone
     tables = root / "params/tables.yaml"

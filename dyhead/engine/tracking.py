@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from dyhead.config import RunConfig, repo_root
+from dyhead.config import RunConfig, repo_root, spec_axes
 
 RETRY_SECONDS = 120.0  # per call, while training runs
 START_SECONDS = 15.0  # to open the run: an unreachable store is told at once
@@ -266,10 +266,13 @@ def _experiment(client, name: str, uri: str, root: Path) -> str:
 
 
 def run_tags(run: RunConfig, root: Path, extra: dict) -> dict[str, str]:
+    """The run's identity, and its axes (detector, backbone, blocks, attentions, ..., recipe, grids) so that
+    `mlflow ui` filters and groups by any of them: tags.detector = 'fcos' and tags.grids LIKE '%quick%'."""
     commit, dirty = git_state(root)
+    axes = {k: str(v) for k, v in spec_axes(run.spec).items()}
     return {"run_key": f"{run.profile_name}/{run.experiment}", "experiment": run.experiment,
-            "profile": run.profile_name, "settings_digest": run.digest,
-            "tables": ",".join(run.tables), "git_commit": commit,
+            "profile": run.profile_name, "settings_digest": run.digest, **axes,
+            "tables": ",".join(run.tables), "grids": ",".join(run.grids), "git_commit": commit,
             "git_dirty": dirty, "mlflow.source.git.commit": commit, **{k: str(v) for k, v in extra.items()}}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from dyhead.config import RunConfig
+from dyhead.config import PLACED, RECIPES, RunConfig
 from dyhead.errors import DyheadError
 from dyhead.modeling.backbone import BackboneConfig, BackboneWithFPN, load_backbone_weights
 from dyhead.modeling.detectors.atss import ATSS, ATSSConfig
@@ -25,7 +25,6 @@ from dyhead.modeling.dyhead import DyHead, DyHeadConfig
 
 ONE_STAGE_LEVELS = (3, 4, 5, 6, 7)  # P6/P7 from P5
 TWO_STAGE_LEVELS = (2, 3, 4, 5, 6)  # max-pooled P6
-PLACED = ("faster_rcnn", "retinanet")  # detectors with a second DyHead placement (the official code's)
 
 
 @dataclass(frozen=True)
@@ -59,9 +58,10 @@ class Parts:
 
 
 def build_atss(p: Parts) -> Detector:
-    head = p.spec["head"]
+    head, recipe = p.spec["head"], RECIPES[p.spec.get("recipe", "paper")]
     cfg = ATSSConfig(num_classes=p.num_classes, tower_gn_groups=p.tower_gn_groups,
-                     tower_convs=head.get("tower_convs", 4), tower_shared=head.get("tower_shared", False))
+                     tower_convs=head.get("tower_convs", 4), tower_shared=head.get("tower_shared", False),
+                     pred_kernel=recipe.pred_kernel)  # the official recipe's 1x1 predictors
     backbone = p.backbone(ONE_STAGE_LEVELS)
     return ATSS(backbone, cfg, p.size_divisible, p.dyhead_module())
 

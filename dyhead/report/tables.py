@@ -1,32 +1,33 @@
-"""reports/tableN.md (and the controls, reports/<name>.md) from the metrics and FLOPs JSON files; reads nothing else.
+"""reports/tableN.md and .csv (and the controls', reports/<name>.*) from the results DataFrame alone.
 
-Each row prints our number, the paper's and the difference, and the header says which profile
-produced ours. The output is a pure function of the JSON inputs, so re-running a target gives an
-identical file.
+The markdown shows, per row, ours beside the paper's for the table's main metrics (`main_metrics`,
+default AP) and the gain against the baseline row, ours and the paper's; reports/<table>.csv holds the
+wide form (every metric, ours, the paper's, ours − paper, the gains). The header says which profile
+produced ours. The output is a pure function of the results frame (dyhead/report/results.py) and params/,
+so re-running a target gives an identical file, and a results.csv alone rebuilds every table.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from dyhead.config import PRETRAINED, Matrix, load_matrix, load_profile, resolve
+import pandas as pd
+
+from dyhead.config import GRID_PREFIX, RECIPES, Matrix, load_matrix, load_profile, resolve
 from dyhead.engine.tracking import log_run_outputs
 from dyhead.errors import DyheadError
-from dyhead.files import load_json, save_text
-
-PAPER = "Dai et al., *Dynamic Head*, CVPR 2021"
-
-
-def _fmt(v, signed: bool = False) -> str:
-    if v is None:
-        return "–"
-    return f"{v:+.2f}" if signed else f"{v:.2f}"
-
-
-def _diff(ours, paper):
-    return None if ours is None or paper is None else ours - paper
-
+from dyhead.files import save_text
+from dyhead.report import grids as grid_report
+from dyhead.report.results import RESULTS_CSV, Runs, collect, write_results
+from dyhead.report.text import (PAPER, backbone_start, coco_gflops, diff, fmt, heading, lr_exceptions,
+                                markdown_table, recipe_note)
 
 GROUP_LABEL = "detector"
+DEFAULT_MAIN = ["AP"]
+
+
+def _r(v, digits: int = 4):
+    """A computed number as the CSV stores it (no float noise such as 5.100000000000001)."""
+    return None if v is None else round(v, digits)
 
 
 def _baselines(rows: list[dict], group_label: str | None) -> list[dict]:
@@ -35,7 +36,7 @@ def _baselines(rows: list[dict], group_label: str | None) -> list[dict]:
     return [first.setdefault(row["label"][group_label] if group_label else None, row) for row in rows]
 
 
-def _verdict(rows: list[dict], baseline_of: list[dict], results: dict, profile_name: str) -> str:
+def _verdict(rows: list[dict], baseline_of: list[dict], runs: Runs, profile_name: str) -> str:
     """One sentence, from the numbers: where DyHead raised AP over its detector's baseline here, and where not."""
     helps, hurts, paper_gains = [], [], []
     for row, base in zip(rows, baseline_of):
@@ -43,7 +44,7 @@ def _verdict(rows: list[dict], baseline_of: list[dict], results: dict, profile_n
             continue
         extra = " ".join(str(v).replace("✓", "").strip() for k, v in row["label"].items() if k != GROUP_LABEL)
         name = f"{row['label'][GROUP_LABEL]} {extra}".strip()
-        gain = results[row["experiment"]]["metrics"]["AP"] - results[base["experiment"]]["metrics"]["AP"]
+        gain = runs.get(row["experiment"], "AP") - runs.get(base["experiment"], "AP")
         (helps if gain > 0 else hurts).append(f"{name} ({gain:+.2f})")
         if row["paper"].get("AP") is not None and base["paper"].get("AP") is not None:
             paper_gains.append(row["paper"]["AP"] - base["paper"]["AP"])
@@ -56,17 +57,8 @@ def _verdict(rows: list[dict], baseline_of: list[dict], results: dict, profile_n
     return said
 
 
-def _heading(name: str, table: dict) -> list[str]:
-    """'# Table N: title' for the paper's tables; '# Control: title' for ours (any other name), then its note."""
-    number = name.removeprefix("table")
-    lines = [f"# Table {number}: {table['title']}" if number.isdigit() else f"# Control ({name}): {table['title']}", ""]
-    if table.get("note"):
-        lines += [table["note"].strip(), ""]
-    return lines
-
-
-def _ours_file(row: dict) -> str:
-    return "metrics_tta.json" if row.get("tta") else "metrics.json"
+def _ours_prefix(row: dict) -> str:
+    return "tta_" if row.get("tta") else ""
 
 
 def _ordered(table: dict) -> list[tuple[bool, dict]]:
@@ -78,203 +70,194 @@ def _ordered(table: dict) -> list[tuple[bool, dict]]:
     return sorted(items, key=lambda item: groups.index(item[1]["label"]["setting"]))  # stable within a group
 
 
-def render_comparison(name: str, matrix: Matrix, profile_name: str, runs_root: Path = Path("runs")) -> str:
+def _evaluated_on(runs: Runs, exp: str, prefix: str = "") -> str:
+    images = runs.get(exp, f"{prefix}images" if prefix else "images")
+    return f"evaluated on `{runs.get(exp, 'annotations')}` ({images} images)"
+
+
+# -- Tables 4-5: our rows among the methods the paper quotes -----------------------------------------------
+
+def comparison_records(table: dict, runs: Runs) -> list[dict]:
+    """Every row of a comparison table, quoted ones included, with every metric (the wide form)."""
+    records = []
+    for is_ours, row in _ordered(table):
+        rec = {**{k: row["label"].get(k, "") for k in table["labels"]},
+               "ours": "quoted", "experiment": None, "tta": False}
+        if is_ours:
+            rec.update(ours=f"`{row['experiment']}`" + (" + TTA" if row.get("tta") else ""),
+                       experiment=row["experiment"], tta=bool(row.get("tta")))
+        for m in table["metrics"]:
+            ours = runs.get(row["experiment"], _ours_prefix(row) + m) if is_ours else None
+            paper = row["paper"].get(m)
+            rec.update({m: ours, f"{m} (paper)": paper, f"Δ{m}": _r(diff(ours, paper))})
+        records.append(rec)
+    return records
+
+
+def render_comparison(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) -> str:
     """Tables 4-5: our DyHead rows beside the paper's, among the other methods it quotes (printed as quoted)."""
-    table = matrix.tables[name]
+    table, runs = matrix.tables[name], Runs(results, profile_name)
     profile = load_profile(profile_name)
-    metrics, labels = table["metrics"], table["labels"]
-    runs = runs_root / profile_name
-    results = {(r["experiment"], bool(r.get("tta"))): load_json(runs / r["experiment"] / _ours_file(r))
-               for r in table["rows"]}
-    first = results[(table["rows"][0]["experiment"], bool(table["rows"][0].get("tta")))]
+    main = table.get("main_metrics", DEFAULT_MAIN)
+    first = table["rows"][0]
     split = table.get("paper_split", "val2017")
-    lines = _heading(name, table)
+    lines = heading(name, table)
     lines.append(
-        f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on `{first['annotations']}` "
-        f"({first['images']} images). Paper: {PAPER}, COCO {split}"
+        f"Ours: profile **{profile_name}** ({profile['description']}); {_evaluated_on(runs, first['experiment'])}. "
+        f"Paper: {PAPER}, COCO {split}"
         + (" as scored by the COCO server; ours are not on test-dev (`dyhead evaluate --split test-dev` writes "
            "the server's upload file)" if split == "test-dev" else "")
         + ". Rows marked *quoted* are other methods' results as the paper prints them, not run here. "
-        "AP in percent; Δ = ours − paper."
+        f"AP in percent; every metric, and ours − paper, in reports/{name}.csv."
     )
     lines.append("")
-    header = list(labels) + ["ours"]
-    for m in metrics:
-        header += [m, f"{m} (paper)", f"Δ{m}"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    for is_ours, row in _ordered(table):
-        cells = [str(row["label"].get(k, "")) for k in labels]
-        paper = row["paper"]
-        if not is_ours:
-            cells.append("quoted")
-            for m in metrics:
-                cells += ["–", _fmt(paper.get(m)), "–"]
-        else:
-            ours = results[(row["experiment"], bool(row.get("tta")))]["metrics"]
-            cells.append(f"`{row['experiment']}`" + (" + TTA" if row.get("tta") else ""))
-            for m in metrics:
-                cells += [_fmt(ours.get(m)), _fmt(paper.get(m)), _fmt(_diff(ours.get(m), paper.get(m)), True)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    header = list(table["labels"]) + ["ours"] + [c for m in main for c in (m, f"{m} (paper)")]
+    body = [[str(rec[k]) for k in table["labels"]] + [rec["ours"]]
+            + [fmt(rec[c]) for m in main for c in (m, f"{m} (paper)")] for rec in comparison_records(table, runs)]
+    lines += markdown_table(header, body) + [""]
 
     solver = profile["solver"]
     trained = []
     for exp in matrix.table_experiments(name):
-        train = load_json(runs / exp / "train.json")
-        size = train["config"]["profile_settings"]["input"]["min_size_train"]
+        size = runs.json(exp, "min_size_train")
         size = f"short side {size[0]}–{size[1]} px (multi-scale)" if isinstance(size, list) else f"short side {size} px"
-        trained.append(f"`{exp}` {train['iterations']} iterations, {size}")
+        trained.append(f"`{exp}` {runs.get(exp, 'iterations')} iterations, {size}")
     schedules = ", ".join(f"{k} = {v}" for k, v in solver["schedules"].items())
     lines.append(f"Training ({profile_name}, batch {solver['batch_size']}, base lr {solver['base_lr']}, "
-                 f"{schedules} iterations, {_backbone_start(profile)}): " + "; ".join(trained) + "."
-                 + _lr_exceptions(table["rows"], solver["base_lr"], runs))
+                 f"{schedules} iterations, {backbone_start(profile)}): " + "; ".join(trained) + "."
+                 + lr_exceptions([r["experiment"] for r in table["rows"]], solver["base_lr"], runs)
+                 + recipe_note([r["experiment"] for r in table["rows"]], matrix))
     lines.append("")
     paper_ap = {(r["experiment"], bool(r.get("tta"))): r["paper"].get("AP") for r in table["rows"]}
-    for (exp, tta), rec in results.items():
-        if not tta:
+    for row in table["rows"]:
+        if not row.get("tta"):
             continue
-        t = rec["tta"]
+        exp = row["experiment"]
+        t = runs.json(exp, "tta_settings")
         ranges = "per-scale size ranges " + str(t["size_ranges"]) if t["size_ranges"] else "no size ranges"
         text = (f"TTA (`{exp}`): short sides {t['scales']}" + (", each also mirrored" if t["flip"] else "")
                 + f", {ranges}, merged by class-wise NMS at IoU {t['nms_thresh']}, best {t['detections_per_img']} "
-                f"kept; {rec['eval_seconds']} s for {rec['images']} images.")
-        plain = results.get((exp, False))
-        if plain is not None:
-            gain = _diff(rec["metrics"]["AP"], plain["metrics"]["AP"])
-            text += f" It changes AP by {_fmt(gain, True)} here"
-            paper_gain = _diff(paper_ap.get((exp, True)), paper_ap.get((exp, False)))
-            text += f" (paper: {_fmt(paper_gain, True)})." if paper_gain is not None else "."
+                f"kept; {runs.get(exp, 'tta_eval_seconds')} s for {runs.get(exp, 'tta_images')} images.")
+        if runs.has(exp, "AP"):
+            text += f" It changes AP by {fmt(diff(runs.get(exp, 'tta_AP'), runs.get(exp, 'AP')), True)} here"
+            paper_gain = diff(paper_ap.get((exp, True)), paper_ap.get((exp, False)))
+            text += f" (paper: {fmt(paper_gain, True)})." if paper_gain is not None else "."
         lines += [text, ""]
     return "\n".join(lines)
 
 
-def render_table(name: str, matrix: Matrix, profile_name: str, runs_root: Path = Path("runs")) -> str:
+# -- Tables 1-3 and the controls: rows against a baseline ------------------------------------------------
+
+def ablation_records(name: str, matrix: Matrix, runs: Runs) -> list[dict]:
+    """Every row with every metric: ours, the paper's, ours − paper, the gain against its baseline row
+    (ours and the paper's), and GFLOPs where the table has them."""
+    table = matrix.tables[name]
+    grouped = GROUP_LABEL in table["labels"]
+    baseline_of = _baselines(table["rows"], GROUP_LABEL if grouped else None)
+    base_exp = table["rows"][0]["experiment"]
+    records = []
+    for i, row in enumerate(table["rows"]):
+        exp, paper, base = row["experiment"], row["paper"], baseline_of[i]
+        rec = {**{k: row["label"][k] for k in table["labels"]}, "experiment": exp}
+        if table.get("flops") and grouped:
+            rec["GFLOPs"] = runs.get(exp, "gmacs_coco")
+        elif table.get("flops"):  # the baseline absolute, the others as the change against it, as the paper
+            ours_g = runs.get(exp, "gmacs_coco") - (runs.get(base_exp, "gmacs_coco") if i else 0.0)
+            paper_g = paper.get("GFLOPs")
+            rec.update({"GFLOPs": _r(ours_g), "GFLOPs (paper)": paper_g,
+                        "ΔGFLOPs %": _r(None if not paper_g else 100.0 * (ours_g / paper_g - 1))})
+        for m in table["metrics"]:
+            ours = runs.get(exp, m)
+            rec.update({m: ours, f"{m} (paper)": paper.get(m), f"Δ{m}": _r(diff(ours, paper.get(m))),
+                        f"{m} gain": _r(diff(ours, runs.get(base["experiment"], m))),
+                        f"{m} gain (paper)": _r(diff(paper.get(m), base["paper"].get(m)))})
+        records.append(rec)
+    return records
+
+
+def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) -> str:
+    """The markdown of a table from the results frame of `profile_name`'s runs."""
+    if name not in matrix.tables:
+        raise DyheadError(f"unknown table {name!r}; params/tables.yaml defines {', '.join(sorted(matrix.tables))}")
     table = matrix.tables[name]
     if "literature" in table:  # Tables 4-5: a comparison with quoted methods, not an ablation
-        return render_comparison(name, matrix, profile_name, runs_root)
+        return render_comparison(name, matrix, profile_name, results)
+    runs = Runs(results, profile_name)
     profile = load_profile(profile_name)
-    metrics = table["metrics"]
-    results = {}
-    for exp in matrix.table_experiments(name):
-        results[exp] = load_json(runs_root / profile_name / exp / "metrics.json")
+    main = table.get("main_metrics", DEFAULT_MAIN)
     base_exp = table["rows"][0]["experiment"]
     # A table of detectors (Table 3) pairs each detector's rows with its own baseline (its first row)
     # and prints absolute GFLOPs; the others measure every row against the table's first row.
     grouped = GROUP_LABEL in table["labels"]
-    baseline_of = _baselines(table["rows"], GROUP_LABEL if grouped else None)
+    records = ablation_records(name, matrix, runs)
 
-    lines = _heading(name, table)
-    first = results[base_exp]
+    lines = heading(name, table)
     lines.append(
-        f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on "
-        f"`{first['annotations']}` ({first['images']} images). Paper: {PAPER}, COCO val2017. "
-        "AP in percent; Δ = ours − paper. "
-        + ("Each detector's first row is its baseline; *gain* is the AP change against it."
-           if grouped else "The first row is the baseline; *gain* is the AP change against it.")
+        f"Ours: profile **{profile_name}** ({profile['description']}); {_evaluated_on(runs, base_exp)}. "
+        f"Paper: {PAPER}, COCO val2017. AP in percent; "
+        + ("each detector's first row is its baseline, *gain* the change against it"
+           if grouped else "the first row is the baseline, *gain* the change against it")
+        + f", ours and the paper's. Every metric, and ours − paper, in reports/{name}.csv."
     )
     lines.append("")
 
-    header = list(table["labels"])
-    if table.get("flops"):
-        header += ["GFLOPs"] if grouped else ["GFLOPs", "GFLOPs (paper)", "Δ%"]
-    header += ["AP gain", "AP gain (paper)"]
-    for m in metrics:
-        header += [m, f"{m} (paper)", f"Δ{m}"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-
-    flops = {}
-    if table.get("flops"):
-        for exp in matrix.table_experiments(name):
-            flops[exp] = load_json(runs_root / profile_name / exp / "flops.json")["coco"]["gmacs"]
-    for i, row in enumerate(table["rows"]):
-        exp, paper = row["experiment"], row["paper"]
-        ours = results[exp]["metrics"]
-        cells = [str(row["label"][k]) for k in table["labels"]]
-        base_row = baseline_of[i]
-        base_ours = results[base_row["experiment"]]["metrics"]["AP"]
-        base_paper = base_row["paper"].get("AP")
-        if table.get("flops") and grouped:
-            cells.append(_fmt(flops[exp]))
-        elif table.get("flops"):
-            if i == 0:
-                ours_g, paper_g = flops[exp], paper.get("GFLOPs")
-            else:  # the paper gives the change against the baseline
-                ours_g, paper_g = flops[exp] - flops[base_exp], paper.get("GFLOPs")
-            rel = None if not paper_g else 100.0 * (ours_g / paper_g - 1)
-            cells += [_fmt(ours_g, signed=i > 0), _fmt(paper_g, signed=i > 0), _fmt(rel, signed=True)]
-        cells += [_fmt(_diff(ours["AP"], base_ours), True), _fmt(_diff(paper.get("AP"), base_paper), True)]
-        for m in metrics:
-            cells += [_fmt(ours.get(m)), _fmt(paper.get(m)), _fmt(_diff(ours.get(m), paper.get(m)), True)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    gflops = [] if not table.get("flops") else ["GFLOPs"] if grouped else ["GFLOPs", "GFLOPs (paper)", "ΔGFLOPs %"]
+    metric_cols = [c for m in main for c in (m, f"{m} (paper)", f"{m} gain", f"{m} gain (paper)")]
+    header = list(table["labels"]) + [c.replace("ΔGFLOPs %", "Δ%") for c in gflops] + metric_cols
+    body = []
+    for i, rec in enumerate(records):
+        cells = [str(rec[k]) for k in table["labels"]]
+        cells += [fmt(rec[c], signed=(c == "ΔGFLOPs %" or (i > 0 and not grouped))) for c in gflops]
+        cells += [fmt(rec[c], signed="gain" in c) for c in metric_cols]
+        body.append(cells)
+    lines += markdown_table(header, body) + [""]
 
     if table.get("flops") and grouped:
         lines.append(
-            "GFLOPs: multiply-adds of the **coco-profile** model (ResNet-50, 256-channel FPN and head) on one "
-            "800×1333 image padded to 800×1344, deformable convs counted, from `dyhead flops`; the same whichever "
-            "profile trained the models. Faster R-CNN's count includes its RoI head on a fixed 1000 proposals. "
-            "The paper gives no GFLOPs for this table."
+            f"GFLOPs: {coco_gflops('ResNet-50, ')}; the same whichever profile trained the models. Faster R-CNN's "
+            "count includes its RoI head on a fixed 1000 proposals. The paper gives no GFLOPs for this table."
         )
         lines.append("")
-        lines.append(_verdict(table["rows"], baseline_of, results, profile_name))
+        lines.append(_verdict(table["rows"], _baselines(table["rows"], GROUP_LABEL), runs, profile_name))
         lines.append("")
     elif table.get("flops"):
         lines.append(
-            "GFLOPs: multiply-adds of the **coco-profile** model (ResNet-50, 256-channel FPN and head) on one "
-            "800×1333 image padded to 800×1344, deformable convs counted, from `dyhead flops`; they need no "
-            "training, so they are the same whichever profile trained the models. The baseline row is absolute; "
-            "the paper's 254.39 is not reproducible from a standard ATSS R-50 (ours counts that model). The other "
-            "rows are the change against the baseline; Δ% compares ours with the paper's change."
+            f"GFLOPs: {coco_gflops('ResNet-50, ')}; they need no training, so they are the same whichever profile "
+            "trained the models. The baseline row is absolute; the paper's 254.39 is not reproducible from a "
+            "standard ATSS R-50 (ours counts that model). The other rows are the change against the baseline; Δ% "
+            "compares ours with the paper's change." + _kernel_note(table, matrix)
         )
         lines.append("")
     if table.get("noise"):
         a, b = table["noise"]
-        ap_a, ap_b = results[a]["metrics"]["AP"], results[b]["metrics"]["AP"]
+        ap_a, ap_b = runs.get(a, "AP"), runs.get(b, "AP")
         lines.append(
-            f"Run-to-run noise: `{a}` trained twice with different seeds gives AP {_fmt(ap_a)} and {_fmt(ap_b)} "
+            f"Run-to-run noise: `{a}` trained twice with different seeds gives AP {fmt(ap_a)} and {fmt(ap_b)} "
             f"(|Δ| = {abs(ap_a - ap_b):.2f}). Differences between rows smaller than this are not meaningful."
         )
         lines.append("")
-    train = load_json(runs_root / profile_name / base_exp / "train.json")
+    exps = [row["experiment"] for row in table["rows"]]
     lines.append(
-        f"Training ({profile_name}): {train['iterations']} iterations at batch "
+        f"Training ({profile_name}): {runs.get(base_exp, 'iterations')} iterations at batch "
         f"{profile['solver']['batch_size']}, base lr {profile['solver']['base_lr']}, "
         f"images {profile['input']['min_size_train']} px, FPN/head width {profile['model']['fpn_channels']}, "
-        f"{_backbone_start(profile)}."
+        f"{backbone_start(profile)}."
         + _schedule_note(table, matrix)
-        + _lr_exceptions(table["rows"], profile["solver"]["base_lr"], runs_root / profile_name)
+        + lr_exceptions(exps, profile["solver"]["base_lr"], runs)
+        + recipe_note(exps, matrix)
     )
     lines.append("")
     return "\n".join(lines)
 
 
-def _backbone_start(profile: dict) -> str:
-    """Where the profile's backbones start: it changes every number, so each report says it."""
-    starts = {bb.get("weights") for bb in profile["model"]["backbones"].values()}
-    if starts == {PRETRAINED}:
-        return "backbones from `dyhead pretrain` (object-crop classification on the training split)"
-    if starts == {None}:
-        return "backbones from random weights"
-    if None not in starts and PRETRAINED not in starts:
-        return "backbones from ImageNet weights"
-    return "backbones from the weights named in the profile"
-
-
-def _lr_exceptions(rows: list[dict], base_lr: float, runs: Path) -> str:
-    """' Base lr X for ...' and ' Gradient norm clipped at Y for ...' (per-experiment `solver` overrides),
-    from the rows' train.json."""
-    other, clipped = {}, {}
-    for exp in dict.fromkeys(row["experiment"] for row in rows):  # a TTA row repeats its experiment
-        solver = load_json(runs / exp / "train.json").get("config", {}).get("profile_settings", {}).get("solver", {})
-        lr = solver.get("base_lr", base_lr)
-        if lr != base_lr:
-            other.setdefault(lr, []).append(f"`{exp}`")
-        if "clip_grad_norm" in solver:
-            clipped.setdefault(solver["clip_grad_norm"], []).append(f"`{exp}`")
-    return ("".join(f" Base lr {lr:g} for {', '.join(exps)}." for lr, exps in other.items())
-            + "".join(f" Gradient norm clipped at {c:g} for {', '.join(exps)}." for c, exps in clipped.items()))
+def _kernel_note(table: dict, matrix: Matrix) -> str:
+    """Which rows count 1x1 predictor convs (a recipe's), where the paper's numbers count 3x3 ones."""
+    ones = [row["experiment"] for row in table["rows"]
+            if RECIPES[matrix.experiments[row["experiment"]].get("recipe", "paper")].pred_kernel == 1]
+    if not ones:
+        return ""
+    return (f" {', '.join(f'`{e}`' for e in ones)} counts its 1×1 predictor convs (the official recipe); the other "
+            "rows count 3×3 ones, as the paper's changes do.")
 
 
 def _schedule_note(table: dict, matrix: Matrix) -> str:
@@ -288,23 +271,52 @@ def _schedule_note(table: dict, matrix: Matrix) -> str:
             f"(params/tables.yaml `profile_schedule`); on other profiles the rows are `{paper[0]}` and so on.")
 
 
-def write_table(name: str, matrix: Matrix, profile_name: str, out: Path, runs_root: Path = Path("runs")) -> str:
-    text = render_table(name, matrix, profile_name, runs_root)
-    save_text(out, text)
-    return text
+def table_frame(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) -> pd.DataFrame:
+    """The wide form of a table: reports/<table>.csv."""
+    runs = Runs(results, profile_name)
+    table = matrix.tables[name]
+    records = comparison_records(table, runs) if "literature" in table else ablation_records(name, matrix, runs)
+    return pd.DataFrame(records)
 
 
-def report(table: str, profile_name: str, out: Path | None = None, log=print) -> Path:
-    """`dyhead report`: write the table and attach it to every run it summarises (each run in `mlflow ui`
-    links to its table)."""
+# -- the `dyhead report` command ---------------------------------------------------------------------------
+
+def render(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """A table's or a grid's markdown and CSV frame."""
+    if name.startswith(GRID_PREFIX) and name.removeprefix(GRID_PREFIX) in matrix.grids:
+        grid = name.removeprefix(GRID_PREFIX)
+        return (grid_report.render_grid(grid, matrix, profile_name, results),
+                grid_report.grid_frame(grid, matrix, profile_name, results))
+    if name not in matrix.tables:
+        raise DyheadError(f"unknown table {name!r}; params/ defines {', '.join(matrix.reports)}")
+    return render_table(name, matrix, profile_name, results), table_frame(name, matrix, profile_name, results)
+
+
+def report(table: str, profile_name: str, out: Path | None = None, log=print, runs_root: Path = Path("runs"),
+           results_csv: Path = RESULTS_CSV) -> Path:
+    """`dyhead report`: every run of the profile into reports/results.csv, then the table (or grid_<name>)
+    from it: reports/<name>.md and .csv, the markdown attached to every run it summarises (each run in
+    `mlflow ui` links to its table)."""
     matrix = load_matrix(profile=profile_name)
-    if table not in matrix.tables:
-        raise DyheadError(f"unknown table {table!r}; params/tables.yaml defines {', '.join(sorted(matrix.tables))}")
+    if table not in matrix.reports:
+        raise DyheadError(f"unknown table {table!r}; params/ defines {', '.join(matrix.reports)}")
     out = Path(out or f"reports/{table}.md")
-    write_table(table, matrix, profile_name, out)
+    results = collect(profile_name, matrix, runs_root)
+    text, frame = render(table, matrix, profile_name, results)
+    write_results(results, results_csv)
+    save_text(out.with_suffix(".csv"), frame.to_csv(index=False))
+    save_text(out, text)
     for exp in matrix.table_experiments(table):
         run = resolve(exp, profile_name, matrix=matrix)
         if (run.run_dir / "metrics.json").exists():
             log_run_outputs(run, "report", [out], {}, 0)
-    log(f"wrote {out} (profile {profile_name})")
+    log(f"wrote {out}, {out.with_suffix('.csv')} and {results_csv} (profile {profile_name})")
     return out
+
+
+def write_table(name: str, matrix: Matrix, profile_name: str, out: Path, results: pd.DataFrame) -> str:
+    """reports/<name>.md and .csv from a results frame (e.g. one read back from a results.csv)."""
+    text, frame = render(name, matrix, profile_name, results)
+    save_text(Path(out).with_suffix(".csv"), frame.to_csv(index=False))
+    save_text(Path(out), text)
+    return text

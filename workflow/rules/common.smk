@@ -25,6 +25,7 @@ def data_ready():
 
 
 def table_runs(table, filename):
+    """`filename` of every experiment a table (or grid_<name>) reads."""
     return [f"{RUNS}/{exp}/{filename}" for exp in MATRIX.table_experiments(table)]
 
 
@@ -81,4 +82,4 @@ def srun_nodes(wildcards, resources):
 
 wildcard_constraints:
     exp="|".join(sorted(MATRIX.experiments, key=len, reverse=True)),
-    table="|".join(sorted(MATRIX.tables)),
+    table="|".join(MATRIX.reports),  # the tables, and grid_<name> per grid

@@ -1,18 +1,24 @@
 def report_inputs(wildcards):
-    table = MATRIX.tables[wildcards.table]
-    files = table_runs(wildcards.table, "metrics.json") + table_runs(wildcards.table, "train.json")
-    if table.get("flops"):
-        files += table_runs(wildcards.table, "flops.json")
-    files += tta_inputs(wildcards.table)  # rows reporting test-time augmentation (tta.smk)
+    """The run files a table (or grid_<name>) reads: metrics and train.json of every experiment, flops.json
+    where it prints GFLOPs (every grid does), metrics_tta.json of its TTA rows."""
+    name = wildcards.table
+    files = table_runs(name, "metrics.json") + table_runs(name, "train.json")
+    if name not in MATRIX.tables or MATRIX.tables[name].get("flops"):
+        files += table_runs(name, "flops.json")
+    if name in MATRIX.tables:
+        files += tta_inputs(name)  # rows reporting test-time augmentation (tta.smk)
     return files
 
 
+# Every report also rewrites reports/results.csv (every run of the profile, one row each): not declared,
+# since several jobs write it and Snakemake gives each file one rule.
 rule report:
     input:
         report_inputs,
     output:
-        "reports/{table}.md",
+        md="reports/{table}.md",
+        csv="reports/{table}.csv",
     params:
         profile=PROFILE,
     shell:
-        "dyhead report {wildcards.table} --profile {params.profile} --out {output}"
+        "dyhead report {wildcards.table} --profile {params.profile} --out {output.md}"
