@@ -2,9 +2,10 @@
 
 Counted with torch's FlopCounterMode on the meta device (shapes only, so an 800x1344 R-50 costs
 nothing to "run"), in the multiply-add convention the paper's Table 2 uses (FlopCounterMode
-counts 2 FLOPs per MAC; we halve). FLOP counters silently count deformable convs as zero, so the
-deformable op gets an explicit formula: the same MACs as a dense conv of its shape (the sampling
-and the mask product are ignored, as convention ignores the adds of bias and norm layers).
+counts 2 FLOPs per MAC; we halve). FLOP counters silently count deformable convs as zero, so a
+deformable conv counts as a dense conv of its shape (the sampling and the mask product are ignored, as
+convention ignores the adds of bias and norm layers): on the meta device dyhead.ops.deform_conv2d runs
+exactly that conv, which also keeps the count fast; on real tensors the ops get the same formula below.
 """
 from __future__ import annotations
 

@@ -55,6 +55,10 @@ def deform_conv2d(
     backend: str = "torchvision",
 ) -> Tensor:
     """Modulated deformable conv; `backend` must already be resolved ('native' or 'torchvision')."""
+    if input.is_meta:
+        # FLOP counting (shapes only): a dense conv of the same shapes has the same output shape and, in the
+        # multiply-add convention, the same count (the sampling and the mask product are not counted)
+        return torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation)
     if backend == "native":
         from . import native
 
