@@ -17,6 +17,8 @@ min_version("9.19")
 validate(config, "workflow/schemas/config.schema.yaml")
 # The extension is built into, and loaded from, this workflow's build/ext by every job.
 os.environ.setdefault("DYHEAD_EXT_DIR", str(Path("build/ext").resolve()))
+# Compiled graphs (runtime.compile) are cached here and shared by every job whose shapes match.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path("build/inductor").resolve()))
 # Jobs call `dyhead`: find the one installed next to this Python even if the venv is not activated.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 

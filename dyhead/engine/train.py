@@ -207,6 +207,7 @@ def setup(run: RunConfig, rt: runtime.Runtime) -> Training:
         raise DyheadError(f"{run.profile['data']['train_annotations']}: no training image has a usable box")
     torch.manual_seed(run.seed)
     model = build_detector(run, len(dataset.category_ids), rt.backend).to(rt.device)
+    runtime.compile_blocks(model, run)
     net = distributed.wrap_model(model, rt.ctx, sync_bn=run.backbone["norm"] == "sync_bn")  # DDP under torchrun
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],

@@ -4,6 +4,7 @@
 rule build_ext:
     output:
         "build/ext/manifest.json",
+    priority: PRIORITY["inputs"]
     log:
         "logs/build_ext.log",
     params:

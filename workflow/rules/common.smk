@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from dyhead.config import load_matrix, load_profile, pretrained_path, weights_file
+from dyhead.costs import train_priority as train_priority_of
 from dyhead.errors import DyheadError
 
 PROFILE = config["profile"]
@@ -15,6 +16,17 @@ except DyheadError as exc:
 
 DATA = PROFILE_CFG["data"]
 RUNS = f"runs/{PROFILE}"
+
+
+# The order in which ready jobs start (Snakemake runs the highest first): the inputs every training waits
+# for, then the trainings, longest first (dyhead/costs.py), then evaluations, then FLOP counts and reports,
+# which fill the cores while the last trainings run.
+PRIORITY = {"inputs": 10000, "evaluate": 50, "flops": 10}
+
+
+def train_priority(wildcards):
+    spec = MATRIX.experiments[wildcards.exp]
+    return train_priority_of(spec, PROFILE_CFG["solver"]["schedules"][spec["schedule"]])
 
 
 def data_ready():

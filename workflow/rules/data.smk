@@ -3,6 +3,7 @@ if DATA["source"] == "synthetic":
     rule synth:
         output:
             f"{DATA['root']}/synth.json",
+        priority: PRIORITY["inputs"]
         log:
             f"logs/{PROFILE}/synth.log",
         params:
@@ -30,5 +31,6 @@ if "pretrain" in PROFILE_CFG:
         params:
             profile=PROFILE,
         threads: PROFILE_CFG["runtime"]["threads"]
+        priority: PRIORITY["inputs"]
         shell:
             "dyhead pretrain {wildcards.backbone} --profile {params.profile} --threads {threads} 2>&1 | tee {log}"

@@ -14,6 +14,7 @@ rule train:
         launch=launch_flags,
         srun=srun_nodes,
     threads: PROFILE_CFG["runtime"]["threads"]
+    priority: train_priority  # the longest trainings start first (common.smk)
     resources:
         mem_mb=4000,
         gpu=0,  # the slurm profile sets 8: one torchrun over them (nodes: N, one over N nodes)
@@ -36,6 +37,7 @@ rule evaluate:
         profile=PROFILE,
         launch=launch_flags,
     threads: PROFILE_CFG["runtime"]["threads"]
+    priority: PRIORITY["evaluate"]
     resources:
         gpu=0,  # the slurm profile sets 8: the val set sharded over them
     shell:
@@ -46,6 +48,7 @@ rule evaluate:
 rule flops:
     output:
         f"{RUNS}/{{exp}}/flops.json",
+    priority: PRIORITY["flops"]
     log:
         f"logs/{PROFILE}/{{exp}}/flops.log",
     params:
