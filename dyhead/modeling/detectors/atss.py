@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
-from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, Scale, conv_tower, flatten_levels, init_predictors,
-                                              make_points, reduce_mean, square_anchors, top_candidates)
+from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, Scale, centerness_candidates, centerness_losses,
+                                              conv_tower, flatten_levels, init_predictors, make_points, reduce_mean,
+                                              square_anchors)
 
 INF = float("inf")
 
@@ -169,18 +169,12 @@ class ATSS(DenseDetector):
             zero = deltas.sum() * 0 + ctrness.sum() * 0
             return {"loss_cls": loss_cls, "loss_box": zero, "loss_ctr": zero}
         ctr_targets = centerness_target(pos_anchors, box_targets)
-        ctr_sum = reduce_mean(ctr_targets.sum()).clamp(min=1e-6)
         pred_boxes = self.box_coder.decode_single(deltas[pos_mask], pos_anchors)
-        giou = generalized_box_iou_loss(pred_boxes, box_targets, reduction="none")
-        loss_box = self.cfg.reg_loss_weight * (giou * ctr_targets).sum() / ctr_sum
-        loss_ctr = F.binary_cross_entropy_with_logits(ctrness[pos_mask], ctr_targets, reduction="sum") / num_pos
+        loss_box, loss_ctr = centerness_losses(pred_boxes, box_targets, ctr_targets, ctrness[pos_mask], num_pos,
+                                               self.cfg.reg_loss_weight)
         return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
 
     def level_candidates(self, outputs, grid: Tensor, image: int, level: int):
-        logits, deltas, ctrness = (o[level][image] for o in outputs)
-        cls = logits.permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
-        ctr = ctrness.reshape(-1).sigmoid()
-        # product score, no sqrt (the official DyHead port); the threshold applies to the class score alone
-        scores, loc, labels = top_candidates(cls * ctr[:, None], cls > self.cfg.score_thresh, self.cfg.pre_nms_topk)
-        d = deltas.permute(1, 2, 0).reshape(-1, 4)[loc]
+        # product score, no sqrt (the official DyHead port)
+        scores, loc, labels, d = centerness_candidates(outputs, image, level, self.cfg)
         return self.box_coder.decode_single(d, grid[loc]), scores, labels

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, clip_boxes_to_image, generalized_box_iou_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -208,6 +209,26 @@ def top_candidates(scores: Tensor, keep: Tensor, k: int) -> tuple[Tensor, Tensor
         kept, top = kept.topk(k)
         loc, cls = loc[top], cls[top]
     return kept, loc, cls
+
+
+def centerness_losses(pred_boxes: Tensor, box_targets: Tensor, ctr_targets: Tensor, ctr_logits: Tensor,
+                      num_pos: Tensor, box_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """GIoU box loss weighted by the centerness targets, and the centerness BCE (FCOS and ATSS)."""
+    ctr_sum = reduce_mean(ctr_targets.sum()).clamp(min=1e-6)
+    giou = generalized_box_iou_loss(pred_boxes, box_targets, reduction="none")
+    loss_box = box_weight * (giou * ctr_targets).sum() / ctr_sum
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr_logits, ctr_targets, reduction="sum") / num_pos
+    return loss_box, loss_ctr
+
+
+def centerness_candidates(outputs, image: int, level: int, cfg: DenseConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One level's best (cls x centerness) candidates of one image: scores, locations, classes and their
+    regression rows. The threshold applies to the class score alone, as in both official codes."""
+    logits, regression, ctrness = (o[level][image] for o in outputs)
+    cls = logits.permute(1, 2, 0).reshape(-1, cfg.num_classes).sigmoid()
+    ctr = ctrness.reshape(-1).sigmoid()
+    scores, loc, labels = top_candidates(cls * ctr[:, None], cls > cfg.score_thresh, cfg.pre_nms_topk)
+    return scores, loc, labels, regression.permute(1, 2, 0).reshape(-1, regression.shape[0])[loc]
 
 
 class DenseDetector(Detector):

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
-from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, Scale, conv_tower, flatten_levels, init_predictors,
-                                              make_points, reduce_mean, top_candidates)
+from dyhead.modeling.detectors.common import (DenseConfig, DenseDetector, Scale, centerness_candidates, centerness_losses,
+                                              conv_tower, flatten_levels, init_predictors, make_points, reduce_mean)
 
 INF = float("inf")
 
@@ -157,17 +157,10 @@ class FCOS(DenseDetector):
         pos_points = points.expand(len(targets), -1, -1)[pos_mask]
         pos_stride = stride.expand(len(targets), -1)[pos_mask]
         ctr_targets = centerness_from_ltrb(matched_distances(pos_points, box_targets))
-        ctr_sum = reduce_mean(ctr_targets.sum()).clamp(min=1e-6)
         pred_boxes = decode(pos_points, ltrb[pos_mask], pos_stride[:, None])
-        giou = generalized_box_iou_loss(pred_boxes, box_targets, reduction="none")
-        loss_box = (giou * ctr_targets).sum() / ctr_sum
-        loss_ctr = F.binary_cross_entropy_with_logits(ctrness[pos_mask], ctr_targets, reduction="sum") / num_pos
+        loss_box, loss_ctr = centerness_losses(pred_boxes, box_targets, ctr_targets, ctrness[pos_mask], num_pos)
         return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}
 
     def level_candidates(self, outputs, grid: Tensor, image: int, level: int):
-        logits, ltrb, ctrness = (o[level][image] for o in outputs)
-        cls = logits.permute(1, 2, 0).reshape(-1, self.cfg.num_classes).sigmoid()
-        ctr = ctrness.reshape(-1).sigmoid()
-        scores, loc, labels = top_candidates(cls * ctr[:, None], cls > self.cfg.score_thresh, self.cfg.pre_nms_topk)
-        d = ltrb.permute(1, 2, 0).reshape(-1, 4)[loc]
+        scores, loc, labels, d = centerness_candidates(outputs, image, level, self.cfg)
         return decode(grid[loc], d, self.strides[level]), scores.sqrt(), labels  # reported score sqrt(cls * ctr)
