@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dyhead.data.coco import _load_annotations
+from dyhead.data.coco import load_annotations
 from dyhead.errors import DyheadError
 
 
@@ -20,7 +20,7 @@ def check_images(image_dir: Path, ann_file: Path, log=print, every: float = 10.0
     """Every image `ann_file` lists, opened once; the count, or a one-line error naming the first bad file
     and how many are bad."""
     image_dir, ann_file = Path(image_dir), Path(ann_file)
-    data = _load_annotations(ann_file)
+    data = load_annotations(ann_file)
     if not image_dir.is_dir():
         raise DyheadError(f"image directory not found: {image_dir}")
     images = data["images"]

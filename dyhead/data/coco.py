@@ -20,7 +20,8 @@ from pycocotools.coco import COCO
 from dyhead.errors import DyheadError, warn
 
 
-def _load_annotations(ann_file: Path) -> dict:
+def load_annotations(ann_file: Path) -> dict:
+    """A COCO annotation file as a dict; a missing or unreadable file is one error line naming it."""
     if not ann_file.is_file():
         raise DyheadError(f"annotation file not found: {ann_file}")
     try:
@@ -42,7 +43,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.train = train
         self.transforms = transforms
-        data = _load_annotations(self.ann_file)
+        data = load_annotations(self.ann_file)
         if not self.image_dir.is_dir():
             raise DyheadError(f"image directory not found: {self.image_dir}")
         try:
