@@ -15,7 +15,7 @@ seconds per iteration and seconds waiting for the batch) it reports, over the it
     seconds per image (assumes each device keeps this rate and the 8 scale linearly).
 
 `--evaluate` also times `dyhead evaluate` of each trained model on the profile's first 500 val images (all of
-them if fewer). The data and the profile's stand-in weights are made first if missing (`dyhead synth`,
+them if fewer). The data and the experiments' stand-in weights are made first if missing (`dyhead synth`,
 `dyhead standin-weights`), in this checkout's data/.
 
     python benchmarks/train_throughput.py                                  # cocolike, 10 iterations each
@@ -122,13 +122,22 @@ def make_root(args, device: str) -> tuple[Path, dict]:
     return root, profile
 
 
-def ensure_inputs(root: Path, profile_name: str, profile: dict, eval_images: int) -> int:
-    """Data and stand-in weights in place (made if missing); with more val images than `eval_images`, the
-    profile reads a subset file. Returns the number of val images an evaluation reads."""
+def ensure_inputs(root: Path, profile_name: str, profile: dict, experiments: list[str], eval_images: int) -> int:
+    """Data and the experiments' stand-in weights in place (made if missing); with more val images than
+    `eval_images`, the profile reads a subset file. Returns the number of val images an evaluation reads."""
+    from dyhead.config import load_matrix
+    from dyhead.modeling.pretrained import arch_of_standin
+
     data = profile["data"]
     if data["source"] != "coco" and not (root / data["root"] / "synth.json").exists():
         _dyhead(["synth", "--profile", profile_name], root)
-    _dyhead(["standin-weights", "--profile", profile_name], root)
+    matrix = load_matrix(root, profile_name)
+    for exp in experiments:
+        if exp not in matrix.experiments:
+            raise SystemExit(f"unknown experiment {exp!r} (`dyhead list --profile {profile_name}`)")
+        weights = profile["model"]["backbones"][matrix.experiments[exp]["backbone"]].get("weights") or ""
+        if arch_of_standin(weights):
+            _dyhead(["standin-weights", arch_of_standin(weights), "--dir", str(Path(weights).parent)], root)
     val = json.loads((root / data["val_annotations"]).read_text())
     if len(val["images"]) <= eval_images:
         return len(val["images"])
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     root, profile = make_root(args, device)
-    eval_images = ensure_inputs(root, args.profile, profile, args.eval_images)
+    eval_images = ensure_inputs(root, args.profile, profile, args.experiments, args.eval_images)
     results = []
     for exp in args.experiments:
         print(f"# training {exp}: {args.iterations} iterations at batch {profile['solver']['batch_size']} "

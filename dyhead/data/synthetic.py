@@ -10,6 +10,9 @@ objects left mostly hidden are not annotated, so labels stay honest under occlus
     out_dir/val/000000000001.png ...
     out_dir/annotations/instances_{train,val}.json
     out_dir/synth.json                       arguments + summary; written last = the set is complete
+
+The drawing parts (shape_ops, place, draw_mask, background, class_colour) and the atomic folder build
+(build_set) are public: dyhead/data/cocolike.py draws COCO-geometry images with them.
 """
 from __future__ import annotations
 
@@ -35,11 +38,11 @@ SPLITS = {"train": 0, "val": 1}
 
 # Rotation range (degrees, +-) per shape: small for rectangle/diamond so one never becomes the other.
 ROTATION = {"rectangle": 15, "ellipse": 90, "triangle": 180, "cross": 20, "ring": 90,
-             "diamond": 15, "hexagon": 30, "star": 180}
+            "diamond": 15, "hexagon": 30, "star": 180}
 _MAX_OBJECTS = 8
 _CROWD_PROB = 0.02        # per object
 _DEGENERATE_PROB = 0.01   # per train image: one unusable box that loaders must filter
-MIN_VISIBLE = 0.5        # keep an object only if this fraction of its own pixels stays visible
+MIN_VISIBLE = 0.5         # keep an object only if this fraction of its own pixels stays visible
 
 
 def area_ranges(image_size: int) -> dict[str, list[float]]:
