@@ -102,7 +102,7 @@ def test_synth_cli_and_coco_loader_read_it(repo_copy):
                        transforms=build_transforms(True, min_size=800, max_size=1333, flip_prob=0.5))
     assert len(ds.category_ids) == 80 and ds.category_ids[-1] == 90
     image, target = ds[0]
-    assert image.shape[0] == 3 and min(image.shape[1:]) == 800 or max(image.shape[1:]) == 1333
+    assert image.shape[0] == 3 and (min(image.shape[1:]) == 800 or max(image.shape[1:]) == 1333)
     assert target["labels"].max() < 80 and len(target["boxes"]) > 0
 
 
