@@ -55,9 +55,14 @@ def cmd_synth(args) -> None:
 
     profile = load_profile(args.profile)
     data = profile["data"]
-    if data["source"] != "synthetic":
+    if data["source"] == "cocolike":  # COCO's geometry and layout (dyhead/data/cocolike.py)
+        from dyhead.data.cocolike import make_cocolike
+
+        summary = make_cocolike(Path(data["root"]), **data["cocolike"])
+    elif data["source"] == "synthetic":
+        summary = make_synthetic_coco(Path(data["root"]), **data["synthetic"])
+    else:
         raise DyheadError(f"profile {args.profile} reads {data['source']} data; `dyhead synth` makes synthetic data")
-    summary = make_synthetic_coco(Path(data["root"]), **data["synthetic"])
     print(f"synthetic data in {data['root']}: {summary}")
     check_profile_images(data, ("train", "val"))
 
@@ -168,6 +173,24 @@ def cmd_fetch_weights(args) -> None:
             print(f"ready: {path}")
 
 
+def cmd_standin_weights(args) -> None:
+    from dyhead.config import load_profile
+    from dyhead.modeling.pretrained import arch_of_standin, save_standin_weights
+
+    wanted = {arch: Path(args.dir) for arch in args.arch}  # arch -> directory
+    if not wanted:  # the stand-in files the profile's backbones name, where it names them
+        profile = load_profile(args.profile)
+        for key, bb in profile["model"]["backbones"].items():
+            arch = arch_of_standin(bb.get("weights") or "")
+            if arch is not None:
+                wanted[arch] = Path(bb["weights"]).parent
+        if not wanted:
+            print(f"profile {args.profile} loads no stand-in weights; nothing to write")
+            return
+    for arch, directory in wanted.items():
+        save_standin_weights(arch, directory)
+
+
 def cmd_flops(args) -> None:
     from dyhead.config import resolve
     from dyhead.engine.flops import flops
@@ -265,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dyhead",
         description="Dynamic Head experiment pipeline. Each subcommand is one step of the Snakemake DAG: "
-                    "synth (+ pretrain) | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
+                    "synth (+ pretrain or standin-weights) | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -330,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", metavar="URL", help="base URL in place of https://download.pytorch.org/models")
     p.add_argument("--from-dir", metavar="PATH", type=Path, help="copy the files from here (verified) instead")
     p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("standin-weights", help="write randomly initialised torchvision backbones (not ImageNet) "
+                       "under the file names a profile loads (cocolike: no download)")
+    p.add_argument("arch", nargs="*", help="r50 | r101 | x101 (default: the stand-ins the profile's backbones load)")
+    _profile_arg(p)
+    p.add_argument("--dir", default="data/weights/standin", help="output directory for named archs "
+                   "(default: data/weights/standin)")
+    p.set_defaults(func=cmd_standin_weights)
 
     p = sub.add_parser("pretrain", help="the ImageNet stand-in: pretrain backbones on object crops of the training split")
     p.add_argument("backbone", nargs="*", help="model.backbones keys (default: those with `weights: pretrained`)")

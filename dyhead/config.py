@@ -314,6 +314,8 @@ def load_profile(name: str, root: Path | None = None) -> dict:
         raise DyheadError(f"{path}: model.backbones.{pretrained[0]}.weights: 'pretrained' needs a `pretrain` section")
     if profile["data"]["source"] == "synthetic" and "synthetic" not in profile["data"]:
         raise DyheadError(f"{path}: data.synthetic: required when data.source is synthetic")
+    if profile["data"]["source"] == "cocolike" and "cocolike" not in profile["data"]:
+        raise DyheadError(f"{path}: data.cocolike: required when data.source is cocolike")
     for key, frac in enumerate(profile["solver"]["steps"]):
         if key and frac <= profile["solver"]["steps"][key - 1]:
             raise DyheadError(f"{path}: solver.steps: must increase, got {profile['solver']['steps']}")

@@ -2,7 +2,7 @@
 
 The Snakefile and dvc.yaml are two views of one pipeline, both read from params/: Snakemake
 schedules it (locally, on SLURM), DVC versions what it makes. Stages, for one profile:
-  synth (+ pretrain@<backbone>) | fetch_coco, fetch_weights@<file>, build_ext
+  synth (+ pretrain@<backbone> | standin_weights@<file>) | fetch_coco, fetch_weights@<file>, build_ext
                                                           the inputs every training needs
   train@<id>, evaluate@<id>, flops@<id>, evaluate_tta@<id>  per experiment (foreach over the ids
                                                           of the tables and grids that report them)
@@ -84,7 +84,7 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
     data, threads = profile["data"], profile["runtime"]["threads"]
     pfile = f"params/profiles/{profile_name}.yaml"
     stages: dict = {}
-    if data["source"] == "synthetic":
+    if data["source"] in ("synthetic", "cocolike"):
         stages["synth"] = {"cmd": f"dyhead synth --profile {profile_name}", "deps": ["dyhead/data"],
                            "params": [{pfile: ["data"]}], "outs": [data["root"]]}
         data_deps = [data["root"]]
@@ -104,9 +104,16 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
             "params": [{pfile: ["data", "pretrain", "runtime", "model.backbones.${item}"]}],
             "outs": [pretrained_path(profile_name, "${item}"),
                      {pretrained_path(profile_name, "${item}").removesuffix(".pth") + ".json": UNCACHED}]}}
-    imagenet = sorted({p for b, p in weights.items() if b not in pretrained})
+    from dyhead.modeling.pretrained import arch_of_file, arch_of_standin
+
+    standins = sorted({p for b, p in weights.items() if b not in pretrained and arch_of_standin(p)})
+    if standins:  # random-init torchvision backbones under the names the profile loads (cocolike)
+        files = {path.rsplit("/", 1)[-1]: Inline(arch=arch_of_standin(path), dir=path.rsplit("/", 1)[0], path=path)
+                 for path in standins}
+        stages["standin_weights"] = {"foreach": files, "do": {
+            "cmd": "dyhead standin-weights ${item.arch} --dir ${item.dir}", "outs": ["${item.path}"]}}
+    imagenet = sorted({p for b, p in weights.items() if b not in pretrained and p not in standins})
     if imagenet:
-        from dyhead.modeling.pretrained import arch_of_file
 
         files = {path.rsplit("/", 1)[-1]: Inline(arch=arch_of_file(path), dir=path.rsplit("/", 1)[0], path=path)
                  for path in imagenet}

@@ -140,3 +140,36 @@ def test_profile_step_top_kernels_on_cpu(tmp_path):
     text = md.read_text()
     assert text.startswith("# Top kernels of a training step (cpu, float32, profile tiny, batch 1")
     assert "| dyhead::deform_conv2d |" in text
+
+
+def test_train_throughput_runs_dyhead_train_in_its_own_root(tmp_path, capsys):
+    bench = _load("train_throughput")
+    out, work = tmp_path / "throughput.json", tmp_path / "work"
+    rc = bench.main(["--profile", "tiny", "--device", "cpu", "--iterations", "2", "--workers", "0", "--batch", "2",
+                     "--evaluate", "--eval-images", "3", "--workdir", str(work), "--json", str(out),
+                     "atss-r50-base-1x", "atss-r50-dyh1-LSC-1x"])
+    assert rc == 0
+    got = json.loads(out.read_text())
+    assert [r["experiment"] for r in got["results"]] == ["atss-r50-base-1x", "atss-r50-dyh1-LSC-1x"]
+    for r in got["results"]:
+        assert r["batch"] == 2 and r["iterations"] == 2 and r["timed_iterations"] == 1 and r["workers"] == 0
+        assert math.isclose(r["images_per_second"] * r["seconds_per_image"], 1.0)
+        assert 0.0 <= r["data_wait_fraction"] <= 1.0 and r["peak_memory_mb"] > 0
+        # 90k iterations x 16 images over 8 devices at the measured rate; 2x twice that
+        h = r["projected_hours_8_devices"]
+        assert math.isclose(h["1x"], 90_000 * 16 * r["seconds_per_image"] / 8 / 3600)
+        assert math.isclose(h["2x"], 2 * h["1x"])
+        assert r["evaluate"]["images"] == 3  # the first 3 val images of tiny's 8
+    # its own runs/, never the checkout's
+    assert (work / "runs/tiny/atss-r50-base-1x/train.json").exists()
+    assert "| atss-r50-dyh1-LSC-1x | cpu | 2 | 0 | 1 |" in capsys.readouterr().out
+
+
+def test_train_throughput_steady_state_from_running_means():
+    bench = _load("train_throughput")
+    # iterations took 5, 1, 2 s (running means 5, 3, 8/3) and waited 4, 0.5, 0.5 s for data
+    records = [{"iteration": 1, "sec_per_iter": 5.0, "data_sec_per_iter": 4.0},
+               {"iteration": 2, "sec_per_iter": 3.0, "data_sec_per_iter": 0.5},
+               {"iteration": 3, "sec_per_iter": 8 / 3, "data_sec_per_iter": 0.5}]
+    got = bench.steady_state(records)
+    assert got["iterations"] == 2 and math.isclose(got["seconds"], 3.0) and math.isclose(got["data_seconds"], 1.0)

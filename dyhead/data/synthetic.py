@@ -10,6 +10,9 @@ objects left mostly hidden are not annotated, so labels stay honest under occlus
     out_dir/val/000000000001.png ...
     out_dir/annotations/instances_{train,val}.json
     out_dir/synth.json                       arguments + summary; written last = the set is complete
+
+The drawing parts (shape_ops, place, draw_mask, background, class_colour) and the atomic folder build
+(build_set) are public: dyhead/data/cocolike.py draws COCO-geometry images with them.
 """
 from __future__ import annotations
 
@@ -34,12 +37,12 @@ CATEGORY_IDS = (1, 2, 3, 5, 8, 13, 21, 34)
 SPLITS = {"train": 0, "val": 1}
 
 # Rotation range (degrees, +-) per shape: small for rectangle/diamond so one never becomes the other.
-_ROTATION = {"rectangle": 15, "ellipse": 90, "triangle": 180, "cross": 20, "ring": 90,
-             "diamond": 15, "hexagon": 30, "star": 180}
+ROTATION = {"rectangle": 15, "ellipse": 90, "triangle": 180, "cross": 20, "ring": 90,
+            "diamond": 15, "hexagon": 30, "star": 180}
 _MAX_OBJECTS = 8
 _CROWD_PROB = 0.02        # per object
 _DEGENERATE_PROB = 0.01   # per train image: one unusable box that loaders must filter
-_MIN_VISIBLE = 0.5        # keep an object only if this fraction of its own pixels stays visible
+MIN_VISIBLE = 0.5         # keep an object only if this fraction of its own pixels stays visible
 
 
 def area_ranges(image_size: int) -> dict[str, list[float]]:
@@ -53,18 +56,18 @@ def area_ranges(image_size: int) -> dict[str, list[float]]:
     return {"small": [0.0, small], "medium": [small, medium], "large": [medium, 1e10]}
 
 
-def _unit_polygon(n: int, radius=1.0, phase=0.0) -> np.ndarray:
+def unit_polygon(n: int, radius=1.0, phase=0.0) -> np.ndarray:
     a = phase + np.arange(n) * (2 * math.pi / n)
     r = np.resize(np.asarray(radius, dtype=np.float64), n)
     return np.stack([r * np.cos(a), r * np.sin(a)], 1)
 
 
-def _shape_ops(shape: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+def shape_ops(shape: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
     """Polygons in the unit box [-1, 1]^2 with the fill each paints (0 cuts a hole)."""
     if shape == "rectangle":
         return [(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float), 255)]
     if shape == "ellipse":
-        return [(_unit_polygon(40), 255)]
+        return [(unit_polygon(40), 255)]
     if shape == "triangle":
         return [(np.array([[0, -1], [1, 1], [-1, 1]], float), 255)]
     if shape == "cross":
@@ -73,17 +76,17 @@ def _shape_ops(shape: str, rng: np.random.Generator) -> list[tuple[np.ndarray, i
                [t, 1], [-t, 1], [-t, t], [-1, t], [-1, -t], [-t, -t]]
         return [(np.array(pts, float), 255)]
     if shape == "ring":
-        return [(_unit_polygon(40), 255), (_unit_polygon(40, rng.uniform(0.45, 0.7)), 0)]
+        return [(unit_polygon(40), 255), (unit_polygon(40, rng.uniform(0.45, 0.7)), 0)]
     if shape == "diamond":
         return [(np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], float), 255)]
     if shape == "hexagon":
-        return [(_unit_polygon(6), 255)]
+        return [(unit_polygon(6), 255)]
     if shape == "star":
-        return [(_unit_polygon(10, [1.0, rng.uniform(0.4, 0.55)], -math.pi / 2), 255)]
+        return [(unit_polygon(10, [1.0, rng.uniform(0.4, 0.55)], -math.pi / 2), 255)]
     raise AssertionError(shape)
 
 
-def _place(ops, cx, cy, w, h, angle_deg) -> list[tuple[list[tuple[float, float]], int]]:
+def place(ops, cx, cy, w, h, angle_deg) -> list[tuple[list[tuple[float, float]], int]]:
     c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
     rot = np.array([[c, s], [-s, c]])
     out = []
@@ -93,57 +96,64 @@ def _place(ops, cx, cy, w, h, angle_deg) -> list[tuple[list[tuple[float, float]]
     return out
 
 
-def _draw_mask(size: int, placed) -> np.ndarray:
-    m = Image.new("L", (size, size), 0)
+def draw_mask(width: int, height: int, placed) -> np.ndarray:
+    """[height, width] bool mask of placed polygons (a fill of 0 cuts a hole)."""
+    m = Image.new("L", (width, height), 0)
     d = ImageDraw.Draw(m)
     for pts, fill in placed:
         d.polygon(pts, fill=fill)
     return np.asarray(m) > 0
 
 
-def _upsample(coarse: np.ndarray, size: int) -> np.ndarray:
-    """Separable bilinear upsampling of a [k, k, C] grid to [size, size, C]: smooth shading."""
+def upsample(coarse: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Separable bilinear upsampling of a [k, k, C] grid to [height, width, C]: smooth shading."""
     k = coarse.shape[0]
-    p = np.linspace(0, k - 1, size)
-    i0 = np.minimum(p.astype(int), k - 2)
-    f = (p - i0)[:, None, None]
-    rows = coarse[i0] * (1 - f) + coarse[i0 + 1] * f
-    f = f.reshape(1, -1, 1)
-    return rows[:, i0] * (1 - f) + rows[:, i0 + 1] * f
+
+    def taps(n):
+        p = np.linspace(0, k - 1, n)
+        i0 = np.minimum(p.astype(int), k - 2)
+        return i0, p - i0
+
+    i0, f = taps(height)
+    rows = coarse[i0] * (1 - f[:, None, None]) + coarse[i0 + 1] * f[:, None, None]
+    j0, g = taps(width)
+    g = g.reshape(1, -1, 1)
+    return rows[:, j0] * (1 - g) + rows[:, j0 + 1] * g
 
 
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
+def random_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.3, 1.0), rng.uniform(0.25, 1.0)))
 
 
-def _class_colour(rng: np.random.Generator, cls: int, num_classes: int) -> np.ndarray:
+def class_colour(rng: np.random.Generator, cls: int, num_classes: int) -> np.ndarray:
     # Each class has a hue, jittered by up to 60% of the spacing into its neighbours: colour hints at
     # the class, shape decides it, so a small network learns within minutes yet cannot rely on colour.
     hue = (cls + rng.uniform(-0.6, 0.6)) / num_classes
     return np.array(colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A shaded, noisy [height, width, 3] float image with clutter (lines, blobs) that is no object."""
     base = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.5), rng.uniform(0.3, 0.8)))
-    img = base + 0.3 * (_upsample(rng.random((5, 5, 3)), size) - 0.5)
+    img = base + 0.3 * (upsample(rng.random((5, 5, 3)), width, height) - 0.5)
     img += rng.normal(0.0, 0.03, img.shape)
     # Clutter that must not be detected: thin lines and jagged blobs, half-transparent.
     for _ in range(int(rng.integers(2, 9))):
-        m = Image.new("L", (size, size), 0)
-        pts = [tuple(q) for q in (rng.random((2, 2)) * size).tolist()]
+        m = Image.new("L", (width, height), 0)
+        pts = [tuple(q) for q in (rng.random((2, 2)) * [width, height]).tolist()]
         ImageDraw.Draw(m).line(pts, fill=255, width=int(rng.integers(1, 3)))
-        _blend(img, np.asarray(m) > 0, _random_colour(rng), 0.5)
+        blend(img, np.asarray(m) > 0, random_colour(rng), 0.5)
     for _ in range(int(rng.integers(0, 5))):
-        m = Image.new("L", (size, size), 0)
+        m = Image.new("L", (width, height), 0)
         n = int(rng.integers(7, 13))
-        r = rng.uniform(2, size / 8) * rng.uniform(0.3, 1.0, n)
-        pts = _unit_polygon(n, r) + rng.random(2) * size
+        r = rng.uniform(2, min(width, height) / 8) * rng.uniform(0.3, 1.0, n)
+        pts = unit_polygon(n, r) + rng.random(2) * [width, height]
         ImageDraw.Draw(m).polygon([tuple(q) for q in pts.tolist()], fill=255)
-        _blend(img, np.asarray(m) > 0, _random_colour(rng), 0.4)
+        blend(img, np.asarray(m) > 0, random_colour(rng), 0.4)
     return img
 
 
-def _blend(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float) -> None:
+def blend(img: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float) -> None:
     img[mask] = img[mask] * (1 - alpha) + colour * alpha
 
 
@@ -159,8 +169,8 @@ def _sample_object(rng: np.random.Generator, size: int, num_classes: int):
         for _ in range(int(rng.integers(4, 11))):
             s = max(3.0, rng.uniform(0.12, 0.3) * min(rw, rh))
             cx, cy = x0 + rng.uniform(0, rw), y0 + rng.uniform(0, rh)
-            angle = rng.uniform(-_ROTATION[shape], _ROTATION[shape])
-            placed += _place(_shape_ops(shape, rng), cx, cy, s, s, angle)
+            angle = rng.uniform(-ROTATION[shape], ROTATION[shape])
+            placed += place(shape_ops(shape, rng), cx, cy, s, s, angle)
         return cls, True, placed
     # log-uniform size (sqrt of box area) and aspect ratio
     s = math.exp(rng.uniform(math.log(6.0), math.log(0.75 * size)))
@@ -170,21 +180,21 @@ def _sample_object(rng: np.random.Generator, size: int, num_classes: int):
     # centre may sit near the border (truncated objects), never so far that most is outside
     cx = rng.uniform(min(w / 4, size / 2), max(size - w / 4, size / 2))
     cy = rng.uniform(min(h / 4, size / 2), max(size - h / 4, size / 2))
-    angle = rng.uniform(-_ROTATION[shape], _ROTATION[shape])
-    return cls, False, _place(_shape_ops(shape, rng), cx, cy, w, h, angle)
+    angle = rng.uniform(-ROTATION[shape], ROTATION[shape])
+    return cls, False, place(shape_ops(shape, rng), cx, cy, w, h, angle)
 
 
 def render_image(seed: int, split: str, index: int, size: int, num_classes: int):
     """Render one image: (uint8 [size, size, 3], annotations as (class, iscrowd, bbox, area))."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    img = _background(rng, size)
+    img = background(rng, size, size)
     yy, xx = np.mgrid[0:size, 0:size] / size
     owner = np.zeros((size, size), np.uint8)  # which object is visible at each pixel (0 = none)
     objects = []
     for k in range(1, int(rng.integers(1, _MAX_OBJECTS + 1)) + 1):
         cls, crowd, placed = _sample_object(rng, size, num_classes)
-        mask = _draw_mask(size, placed)
-        colour = _class_colour(rng, cls, num_classes)
+        mask = draw_mask(size, size, placed)
+        colour = class_colour(rng, cls, num_classes)
         # shading + noise inside the object so it is not one flat colour
         phi = rng.uniform(0, 2 * math.pi)
         ramp = 1 + rng.uniform(-0.3, 0.3) * ((xx - 0.5) * math.cos(phi) + (yy - 0.5) * math.sin(phi))
@@ -194,7 +204,7 @@ def render_image(seed: int, split: str, index: int, size: int, num_classes: int)
     anns = []
     for k, (cls, crowd, full) in enumerate(objects, 1):
         ys, xs = np.nonzero(owner == k)
-        if full == 0 or len(xs) < max(4, _MIN_VISIBLE * full):
+        if full == 0 or len(xs) < max(4, MIN_VISIBLE * full):
             continue  # mostly hidden (or off-image): do not ask the detector to find it
         x0, y0 = int(xs.min()), int(ys.min())
         w, h = int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0
@@ -291,8 +301,22 @@ def make_synthetic_coco(out_dir: Path, *, num_train: int, num_val: int, image_si
     if not 1 <= num_classes <= len(SHAPES):
         raise DyheadError(f"synthetic data: num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
 
+    def write(tmp: Path) -> dict:
+        summary = {split: _write_split(tmp, split, n, args, progress)
+                   for split, n in (("train", num_train), ("val", num_val))}
+        summary["area_ranges"] = area_ranges(image_size)
+        return summary
+
+    return build_set(out_dir, FORMAT_VERSION, args, write)
+
+
+def build_set(out_dir: Path, version: int, args: dict, write) -> dict:
+    """Make a data set folder atomically: `write(tmp)` fills a temporary sibling and returns a summary, then
+    synth.json (version, arguments, summary) is written last and the folder renamed into place. A no-op
+    returning the stored summary when `out_dir` already holds a set of this version and these arguments."""
+    out_dir = Path(out_dir)
     manifest = _read_manifest(out_dir)
-    if manifest and manifest.get("version") == FORMAT_VERSION and manifest.get("arguments") == args:
+    if manifest and manifest.get("version") == version and manifest.get("arguments") == args:
         return manifest["summary"]
     if out_dir.exists() and manifest is None and any(out_dir.iterdir()):
         # never delete a folder we did not make: ours always carry synth.json
@@ -303,11 +327,9 @@ def make_synthetic_coco(out_dir: Path, *, num_train: int, num_val: int, image_si
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the set is ordinary shared data
-        summary = {split: _write_split(tmp, split, n, args, progress)
-                   for split, n in (("train", num_train), ("val", num_val))}
-        summary["area_ranges"] = area_ranges(image_size)
+        summary = write(tmp)
         with open(tmp / "synth.json", "w") as fh:
-            json.dump({"version": FORMAT_VERSION, "arguments": args, "summary": summary}, fh,
+            json.dump({"version": version, "arguments": args, "summary": summary}, fh,
                       indent=2, sort_keys=True)
             fh.write("\n")
         if out_dir.exists():  # an older set (other arguments) or an empty folder: swap it out

@@ -5,7 +5,8 @@ pure function of the iteration, and the checkpoint holds weights and optimizer s
 run resumed from its last checkpoint ends with the same weights as an uninterrupted one.
 
     runs/<profile>/<exp>/checkpoints/last.pth   every solver.checkpoint_period iterations (deleted at the end)
-    runs/<profile>/<exp>/log.jsonl              a line per log period: losses, lr, max gradient norm, s/it
+    runs/<profile>/<exp>/log.jsonl              a line per log period: losses, lr, max gradient norm, s/it,
+                                                s/it spent waiting for data
     runs/<profile>/<exp>/model_final.pth        weights, categories and the settings they were trained with
     runs/<profile>/<exp>/train.json             the summary (time, memory, versions, settings)
 """
@@ -56,6 +57,7 @@ class LossWindow:
     sums: dict = field(default_factory=dict)
     steps: int = 0
     max_grad: float = 0.0
+    data_seconds: float = 0.0  # time the steps waited for their batch (loader workers, or loading in-process)
 
     def add(self, losses: dict, grad_norm: float) -> None:
         for k, v in losses.items():
@@ -269,7 +271,8 @@ def log_window(t: Training, window: LossWindow, done: int, seconds: float) -> di
     lr = lr_at(done - 1, run.profile["solver"], max_iter)
     per_it = seconds / (done - t.start)
     record = {"iteration": done, "lr": lr, **{k: round(v, 6) for k, v in losses.items()},
-              "max_grad_norm": round(window.max_grad, 4), "sec_per_iter": round(per_it, 4)}
+              "max_grad_norm": round(window.max_grad, 4), "sec_per_iter": round(per_it, 4),
+              "data_sec_per_iter": round(window.data_seconds / window.steps, 4)}
     if t.rt.ctx.is_main:
         with open(run.run_dir / LOG, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -323,7 +326,9 @@ def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
     t0 = time.perf_counter()
     window, last_losses = LossWindow(), {}
     iteration = t.start
+    waited_from = time.perf_counter()
     for iteration, (images, targets) in enumerate(loader, t.start):
+        window.data_seconds += time.perf_counter() - waited_from
         seen, grad_norm = step(t, images, targets, iteration)
         done = iteration + 1
         window.add(seen, grad_norm)
@@ -333,6 +338,7 @@ def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
         if done % solver["checkpoint_period"] == 0 and done < max_iter:
             save_checkpoint(t, done, t.elapsed_before + time.perf_counter() - t0)
         iteration = done
+        waited_from = time.perf_counter()
     if stop_at is not None and iteration < max_iter:
         t.tracker.finish("KILLED")
         return {"stopped_at": iteration}

@@ -64,3 +64,38 @@ def fetch_weights(archs: list[str], root: Path = WEIGHTS_DIR, *, mirror: str | N
             fetch_file(remote, dest, mirror=mirror, log=log, **download_kw)
         out.append(dest)
     return out
+
+
+# Stand-ins for the ImageNet files where none can be downloaded (the cocolike profile): torchvision's own
+# architecture, randomly initialised with a fixed seed, saved as the same kind of state dict, so a profile
+# loads them by path exactly as coco loads the real ones. Named so no one takes them for ImageNet weights.
+STANDIN_SUFFIX = "-random-init-not-imagenet.pth"
+_TORCHVISION_ARCH = {"r50": "resnet50", "r101": "resnet101", "x101": "resnext101_64x4d"}
+
+
+def standin_name(arch: str) -> str:
+    if arch not in _TORCHVISION_ARCH:
+        raise DyheadError(f"no stand-in weights for backbone {arch!r}; known: {', '.join(_TORCHVISION_ARCH)}")
+    return _TORCHVISION_ARCH[arch] + STANDIN_SUFFIX
+
+
+def arch_of_standin(name: str) -> str | None:
+    return next((a for a in _TORCHVISION_ARCH if standin_name(a) == Path(name).name), None)
+
+
+def save_standin_weights(arch: str, root: Path, seed: int = 0, log=print) -> Path:
+    """Write torchvision's `arch` with random weights (seeded) as `root/<standin_name>`; skip it if present."""
+    import torch
+    import torchvision
+
+    from dyhead.files import save_torch
+
+    dest = Path(root) / standin_name(arch)
+    if dest.exists():
+        log(f"{dest}: already there")
+        return dest
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, _TORCHVISION_ARCH[arch])(weights=None)
+    save_torch(dest, model.state_dict())
+    log(f"{dest}: torchvision {_TORCHVISION_ARCH[arch]} with RANDOM weights (seed {seed}); a stand-in, not ImageNet")
+    return dest

@@ -2,9 +2,10 @@
 # Only the small files are declared outputs: Snakemake deletes a job's outputs before re-running it
 # and after a failure, which must never happen to 26 GB of images. The fetch itself skips what is
 # in place (fetch.json, per-archive markers under .fetch/).
+import re
 import shlex
 
-from dyhead.modeling.pretrained import IMAGENET, arch_of_file
+from dyhead.modeling.pretrained import IMAGENET, STANDIN_SUFFIX, arch_of_file, arch_of_standin
 
 
 def _flags(**options):
@@ -75,3 +76,19 @@ rule fetch_weights:
         downloads=1,
     shell:
         "dyhead fetch-weights {params.arch} --dir {wildcards.directory}{params.extra} 2>&1 | tee {log}"
+
+
+# Random-init torchvision backbones saved under the names a profile loads (cocolike: the coco path's
+# weight loading without a download); the names say they are not ImageNet weights.
+rule standin_weights:
+    output:
+        "{directory}/{file}",
+    wildcard_constraints:
+        file=r"[^/]+" + re.escape(STANDIN_SUFFIX),
+    log:
+        "logs/standin_weights/{directory}/{file}.log",
+    params:
+        arch=lambda w: arch_of_standin(w.file),
+    priority: PRIORITY["inputs"]
+    shell:
+        "dyhead standin-weights {params.arch} --dir {wildcards.directory} 2>&1 | tee {log}"

@@ -31,7 +31,7 @@ def train_priority(wildcards):
 
 def data_ready():
     """The file that proves the profile's data is in place."""
-    if DATA["source"] == "synthetic":
+    if DATA["source"] in ("synthetic", "cocolike"):
         return f"{DATA['root']}/synth.json"
     return DATA["val_annotations"]
 

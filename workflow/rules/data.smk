@@ -1,4 +1,4 @@
-if DATA["source"] == "synthetic":
+if DATA["source"] in ("synthetic", "cocolike"):  # both made by `dyhead synth`
 
     rule synth:
         output:
