@@ -181,6 +181,32 @@ def cmd_report(args) -> None:
     report(args.table, args.profile, args.out)
 
 
+MODEL_FIGURES = ("fig3", "fig4", "detections")  # of one trained experiment
+TABLE_FIGURES = ("curves", "gains")  # of a table's runs
+
+
+def cmd_figure(args) -> None:
+    from dyhead.config import resolve
+
+    out = Path(args.out) if args.out else None
+    if args.images is not None and args.images < 1:
+        raise DyheadError(f"--images {args.images}: must be at least 1")
+    if args.name in TABLE_FIGURES:
+        from dyhead.report import figures
+
+        getattr(figures, args.name)(args.target, args.profile, out)
+        return
+    from dyhead.engine import visualize
+
+    run = resolve(args.target, args.profile)
+    if args.name == "fig3":
+        visualize.figure3(run, out, images=args.images, threads=args.threads, backend=args.dcn_backend)
+    elif args.name == "fig4":
+        visualize.figure4(run, out, images=args.images or 4, threads=args.threads, backend=args.dcn_backend)
+    else:
+        visualize.detections(run, out, images=args.images or 4)
+
+
 def cmd_results(args) -> None:
     from dyhead.config import load_matrix
     from dyhead.report.results import collect, write_results
@@ -350,6 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_arg(p)
     p.add_argument("--out", help="output file (default: reports/<table>.md; the .csv beside it)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("figure", help="draw a figure into reports/figures/: fig3 | fig4 | detections of a trained "
+                       "experiment, curves | gains of a table (each also logged to MLflow)")
+    p.add_argument("name", choices=MODEL_FIGURES + TABLE_FIGURES)
+    p.add_argument("target", help="an experiment id (fig3, fig4, detections) or a table (curves, gains)")
+    _profile_arg(p)
+    _runtime_args(p)
+    p.add_argument("--images", type=int, help="val images to use (fig3: all; fig4 and detections: 4)")
+    p.add_argument("--out", help="output PNG (default: reports/figures/<name>_<target>.png)")
+    p.set_defaults(func=cmd_figure)
 
     p = sub.add_parser("results", help="write every run of a profile, one row each, to reports/results.csv")
     _profile_arg(p)

@@ -103,15 +103,13 @@ def predict_sharded(model, dataset, batch_size: int, ctx, log, tag: str,
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
-                 area_ranges: dict | None = None) -> dict:
-    """COCOeval bbox summary in percent; AP is 0 when there are no detections at all.
+def coco_eval(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+              area_ranges: dict | None = None) -> COCOeval:
+    """pycocotools' bbox COCOeval, evaluated, accumulated and summarised (its prints silenced).
 
     `area_ranges` ({small, medium, large} -> [lo, hi] px^2) replaces COCO's 32^2 / 96^2 limits, which
     suit ~640 px images; the synthetic set scales them to its image size.
     """
-    if not results:
-        return {k: 0.0 for k in METRICS}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
@@ -122,8 +120,39 @@ def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
+    return ev
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+                 area_ranges: dict | None = None) -> dict:
+    """COCOeval bbox summary in percent; AP is 0 when there are no detections at all."""
+    if not results:
+        return {k: 0.0 for k in METRICS}
+    ev = coco_eval(coco_gt, results, image_ids, area_ranges)
     # stats: AP, AP50, AP75, APs, APm, APl, then recalls; -1 means "no such objects".
     return {k: round(100.0 * float(v), 2) if v >= 0 else None for k, v in zip(METRICS, ev.stats[:6])}
+
+
+def per_class_ap(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+                 area_ranges: dict | None = None) -> list[dict]:
+    """Per category: AP (IoU .50:.95) and AP50 in percent from COCOeval's precision array
+    [IoU, recall, category, area, max detections] at all areas and 100 detections; None where the
+    category has no ground truth; and the number of non-crowd instances."""
+    ids = sorted(coco_gt.getCatIds())
+    ev = coco_eval(coco_gt, results, image_ids, area_ranges) if results else None
+    rows = []
+    for cat in ids:
+        ann_ids = coco_gt.getAnnIds(imgIds=image_ids or [], catIds=[cat], iscrowd=False)
+        row = {"category_id": cat, "instances": len(ann_ids), "AP": None, "AP50": None}
+        if ev is None:
+            row.update(AP=0.0 if ann_ids else None, AP50=0.0 if ann_ids else None)
+        else:
+            prec = ev.eval["precision"][:, :, ev.params.catIds.index(cat), 0, -1]
+            for key, values in (("AP", prec), ("AP50", prec[0])):
+                valid = values[values > -1]
+                row[key] = round(100.0 * float(valid.mean()), 2) if valid.size else None
+        rows.append(row)
+    return rows
 
 
 def profile_area_ranges(run: RunConfig) -> dict | None:

@@ -30,7 +30,7 @@ def _r(v, digits: int = 4):
     return None if v is None else round(v, digits)
 
 
-def _baselines(rows: list[dict], group_label: str | None) -> list[dict]:
+def baselines(rows: list[dict], group_label: str | None) -> list[dict]:
     """For each row, the row its gain is measured against: the first row of its group (or of the table)."""
     first: dict = {}
     return [first.setdefault(row["label"][group_label] if group_label else None, row) for row in rows]
@@ -153,7 +153,7 @@ def ablation_records(name: str, matrix: Matrix, runs: Runs) -> list[dict]:
     (ours and the paper's), and GFLOPs where the table has them."""
     table = matrix.tables[name]
     grouped = GROUP_LABEL in table["labels"]
-    baseline_of = _baselines(table["rows"], GROUP_LABEL if grouped else None)
+    baseline_of = baselines(table["rows"], GROUP_LABEL if grouped else None)
     base_exp = table["rows"][0]["experiment"]
     records = []
     for i, row in enumerate(table["rows"]):
@@ -218,7 +218,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
             "count includes its RoI head on a fixed 1000 proposals. The paper gives no GFLOPs for this table."
         )
         lines.append("")
-        lines.append(_verdict(table["rows"], _baselines(table["rows"], GROUP_LABEL), runs, profile_name))
+        lines.append(_verdict(table["rows"], baselines(table["rows"], GROUP_LABEL), runs, profile_name))
         lines.append("")
     elif table.get("flops"):
         lines.append(
