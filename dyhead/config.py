@@ -191,6 +191,19 @@ class Matrix:
         ids = [row["experiment"] for row in t["rows"]] + list(t.get("noise", []))
         return list(dict.fromkeys(ids))
 
+    def figure_tables(self) -> list[str]:
+        """The tables with baselines to draw curves and gains of (every table but the literature comparisons)."""
+        return [name for name in sorted(self.tables) if "literature" not in self.tables[name]]
+
+    def figure_experiments(self) -> list[str]:
+        """The models Figures 3 and 4 (and the detections) are drawn for: the tables' 6-block ATSS R-50 DyHeads
+        (scale, spatial and task attention, the paper's recipe and placement, the first seed)."""
+        exps = dict.fromkeys(row["experiment"] for t in self.tables.values() for row in t["rows"])
+        return [e for e in exps if (s := self.experiments[e])["detector"] == "atss" and s["backbone"] == "r50"
+                and s["head"]["blocks"] == 6
+                and attention_letters(s["head"]) == "LSC" and not s.get("seed") and s.get("recipe", "paper") == "paper"
+                and s["head"].get("high_offsets", "resample") == "resample"]
+
     def tables_of(self, exp_id: str) -> list[str]:
         return [name for name in sorted(self.tables) if exp_id in self.table_experiments(name)]
 

@@ -182,7 +182,8 @@ def report_stage(table: str, profile_name: str, matrix: Matrix) -> dict:
     return {"cmd": f"dyhead report {table} --profile {profile_name} --out reports/{table}.md",
             "deps": deps + ["dyhead/report"],
             "params": [source, {f"params/profiles/{profile_name}.yaml": None}],
-            "outs": [{f"reports/{table}.md": UNCACHED}, {f"reports/{table}.csv": UNCACHED}]}
+            "outs": [{f"reports/{table}.md": UNCACHED}, {f"reports/{table}.csv": UNCACHED},
+                     {f"reports/{table}.html": UNCACHED}]}
 
 
 def build_stages(profile_name: str, tables: list[str] | None = None, grids: list[str] | None = None) -> dict:

@@ -4,7 +4,7 @@
                 attention's ratio (weight of the higher-resolution input / weight of the lower-resolution one)
     fig4        Figure 4: channel-mean |feature| at the finest level before the head and after blocks 2, 4, 6
     detections  ground truth beside the predictions (predictions.json) on a few val images, and the per-class
-                AP table from COCOeval's precision array: reports/perclass_<exp>.md
+                AP table from COCOeval's precision array: reports/perclass_<exp>.md (and .html)
 
 The attention weights and feature maps are read with forward hooks on the trained model; nothing in the
 model changes. Each figure is also logged to the experiment's MLflow run.
@@ -232,6 +232,8 @@ def detections(run: RunConfig, out: Path | None = None, images: int = 4, min_sco
     fig.suptitle(f"{run.experiment} ({run.profile_name})", fontsize=9)
     path = plots.save(fig, out or FIGURES / f"detections_{run.experiment}.png")
     table = Path(perclass_out or f"reports/perclass_{run.experiment}.md")
-    save_text(table, perclass_markdown(run, [{**r, "name": names[r["category_id"]]} for r in rows]))
+    text = perclass_markdown(run, [{**r, "name": names[r["category_id"]]} for r in rows])
+    save_text(table, text)
+    save_text(table.with_suffix(".html"), plots.html_page(text, f"per-class AP {run.experiment}"))
     _log(run, [path, table], log)
     return path, table

@@ -1,4 +1,4 @@
-"""reports/tableN.md and .csv (and the controls', reports/<name>.*) from the results DataFrame alone.
+"""reports/tableN.md, .csv and .html (and the controls', reports/<name>.*) from the results DataFrame alone.
 
 The markdown shows, per row, ours beside the paper's for the table's main metrics (`main_metrics`,
 default AP) and the gain against the baseline row, ours and the paper's; reports/<table>.csv holds the
@@ -16,6 +16,7 @@ from dyhead.config import GRID_PREFIX, RECIPES, Matrix, load_matrix, load_profil
 from dyhead.engine.tracking import log_run_outputs
 from dyhead.errors import DyheadError
 from dyhead.files import save_text
+from dyhead.plots import html_page
 from dyhead.report import grids as grid_report
 from dyhead.report.results import RESULTS_CSV, Runs, collect, write_results
 from dyhead.report.text import (PAPER, backbone_start, coco_gflops, diff, fmt, heading, lr_exceptions,
@@ -305,12 +306,13 @@ def report(table: str, profile_name: str, out: Path | None = None, log=print, ru
     text, frame = render(table, matrix, profile_name, results)
     write_results(results, results_csv)
     save_text(out.with_suffix(".csv"), frame.to_csv(index=False))
+    save_text(out.with_suffix(".html"), html_page(text, table))  # what Snakemake's HTML report shows
     save_text(out, text)
     for exp in matrix.table_experiments(table):
         run = resolve(exp, profile_name, matrix=matrix)
         if (run.run_dir / "metrics.json").exists():
             log_run_outputs(run, "report", [out], {}, 0)
-    log(f"wrote {out}, {out.with_suffix('.csv')} and {results_csv} (profile {profile_name})")
+    log(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.html')} and {results_csv} (profile {profile_name})")
     return out
 
 

@@ -18,6 +18,7 @@ rule report:
     output:
         md="reports/{table}.md",
         csv="reports/{table}.csv",
+        html=report("reports/{table}.html", caption="../report/table.rst", category="{table}"),
     params:
         profile=PROFILE,
     shell:
