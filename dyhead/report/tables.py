@@ -58,6 +58,27 @@ def _verdict(rows: list[dict], baseline_of: list[dict], runs: Runs, profile_name
     return said
 
 
+def trend_line(records: list[dict], baseline_of: list[dict], rows: list[dict], metric: str = "AP") -> str:
+    """One line: in how many rows our gain over the baseline has the paper's sign, and the Spearman rank
+    correlation of our gains with the paper's (pandas), over the rows that have both."""
+    pairs = pd.DataFrame([(rec[f"{metric} gain"], rec[f"{metric} gain (paper)"])
+                          for rec, row, base in zip(records, rows, baseline_of) if row is not base],
+                         columns=["ours", "paper"], dtype=float).dropna()
+    if pairs.empty:
+        return f"Trend vs the paper: no row has both our {metric} gain and the paper's."
+    agree = int((np_sign(pairs["ours"]) == np_sign(pairs["paper"])).sum())
+    rho = pairs["ours"].corr(pairs["paper"], method="spearman") if len(pairs) >= 3 else float("nan")
+    rank = (f"Spearman rank correlation of the gains {rho:+.2f}" if rho == rho
+            else "rank correlation needs 3 rows with distinct gains")
+    return (f"Trend vs the paper: our {metric} gain has the paper's sign in {agree} of {len(pairs)} rows; "
+            f"{rank}.")
+
+
+def np_sign(values: pd.Series) -> pd.Series:
+    """-1, 0 or +1; a gain within 0.05 AP (the tables' rounding) counts as 0."""
+    return values.where(values.abs() >= 0.05, 0.0).apply(lambda v: (v > 0) - (v < 0))
+
+
 def _ours_prefix(row: dict) -> str:
     return "tta_" if row.get("tta") else ""
 
@@ -193,6 +214,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
     records = ablation_records(name, matrix, runs)
 
     lines = heading(name, table)
+    lines += [trend_line(records, baselines(table["rows"], GROUP_LABEL if grouped else None), table["rows"]), ""]
     lines.append(
         f"Ours: profile **{profile_name}** ({profile['description']}); {_evaluated_on(runs, base_exp)}. "
         f"Paper: {PAPER}, COCO val2017. AP in percent; "
