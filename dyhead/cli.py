@@ -19,6 +19,10 @@ def _profile_arg(p: argparse.ArgumentParser) -> None:
                    help=f"params/profiles/<name>.yaml to run under (default: {DEFAULT_PROFILE})")
 
 
+def _seeds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, help="seed runs per table row to read (default: the profile's `seeds`, else 1)")
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the profile's runtime.threads)")
     p.add_argument("--dcn-backend", choices=["auto", "native", "torchvision"],
@@ -178,7 +182,7 @@ def cmd_flops(args) -> None:
 def cmd_report(args) -> None:
     from dyhead.report.tables import report
 
-    report(args.table, args.profile, args.out)
+    report(args.table, args.profile, args.out, seeds=args.seeds)
 
 
 MODEL_FIGURES = ("fig3", "fig4", "detections")  # of one trained experiment
@@ -194,7 +198,7 @@ def cmd_figure(args) -> None:
     if args.name in TABLE_FIGURES:
         from dyhead.report import figures
 
-        getattr(figures, args.name)(args.target, args.profile, out)
+        getattr(figures, args.name)(args.target, args.profile, out, seeds=args.seeds)
         return
     from dyhead.engine import visualize
 
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "profile) from the runs' metrics and FLOPs")
     p.add_argument("table", help="table1 | table2 | ... (params/tables.yaml) | grid_<name> (params/grids.yaml)")
     _profile_arg(p)
+    _seeds_arg(p)
     p.add_argument("--out", help="output file (default: reports/<table>.md; the .csv beside it)")
     p.set_defaults(func=cmd_report)
 
@@ -384,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _profile_arg(p)
     _runtime_args(p)
     p.add_argument("--images", type=int, help="val images to use (fig3: all; fig4 and detections: 4)")
+    _seeds_arg(p)
     p.add_argument("--out", help="output PNG (default: reports/figures/<name>_<target>.png)")
     p.set_defaults(func=cmd_figure)
 

@@ -61,8 +61,10 @@ def _log_to_runs(name: str, matrix: Matrix, profile: str, path: Path) -> None:
             log_run_outputs(run, "figures", [path], {}, 0)
 
 
-def curves(name: str, profile: str, out: Path | None = None, runs_root: Path = Path("runs"), log=print) -> Path:
-    matrix = load_matrix(profile=profile)
+def curves(name: str, profile: str, out: Path | None = None, runs_root: Path = Path("runs"), log=print,
+           seeds: int | None = None) -> Path:
+    """The rows' first seeds (the experiments the rows name)."""
+    matrix = load_matrix(profile=profile, seeds=seeds)
     rows = _table_rows(name, matrix)
     labels = matrix.tables[name]["labels"]
     fig, axes = plots.figure(1, 3, size=(14.0, 3.8))
@@ -97,9 +99,10 @@ def curves(name: str, profile: str, out: Path | None = None, runs_root: Path = P
     return path
 
 
-def gains(name: str, profile: str, out: Path | None = None, runs_root: Path = Path("runs"), log=print) -> Path:
-    """AP gains ours vs the paper's per row; Table 2's (a `blocks` label and GFLOPs) against the blocks."""
-    matrix = load_matrix(profile=profile)
+def gains(name: str, profile: str, out: Path | None = None, runs_root: Path = Path("runs"), log=print,
+          seeds: int | None = None) -> Path:
+    """AP gains ours vs the paper's per row (the mean over seeds); Table 2's against the blocks."""
+    matrix = load_matrix(profile=profile, seeds=seeds)
     rows = _table_rows(name, matrix)
     table = matrix.tables[name]
     if "literature" in table:

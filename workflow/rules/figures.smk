@@ -66,8 +66,9 @@ rule gains:
         report("reports/figures/gains_{table}.png", caption="../report/gains.rst", category="{table}"),
     params:
         profile=PROFILE,
+        seeds=SEEDS_FLAG,
     shell:
-        "dyhead figure gains {wildcards.table} --profile {params.profile}"
+        "dyhead figure gains {wildcards.table} --profile {params.profile}{params.seeds}"
 
 
 rule figures:
