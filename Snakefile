@@ -42,5 +42,5 @@ report: "workflow/report/workflow.rst"
 rule all:
     default_target: True
     input:
-        [f"reports/{table}.md" for table in MATRIX.tables],
+        [f"reports/{table}.md" for table in MATRIX.default_tables],
         rules.figures.input,

@@ -186,7 +186,7 @@ def cmd_report(args) -> None:
 
 
 MODEL_FIGURES = ("fig3", "fig4", "detections")  # of one trained experiment
-TABLE_FIGURES = ("curves", "gains")  # of a table's runs
+TABLE_FIGURES = ("curves", "gains", "convergence")  # of a table's runs
 
 
 def cmd_figure(args) -> None:
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("figure", help="draw a figure into reports/figures/: fig3 | fig4 | detections of a trained "
-                       "experiment, curves | gains of a table (each also logged to MLflow)")
+                       "experiment, curves | gains | convergence of a table (each also logged to MLflow)")
     p.add_argument("name", choices=MODEL_FIGURES + TABLE_FIGURES)
     p.add_argument("target", help="an experiment id (fig3, fig4, detections) or a table (curves, gains)")
     _profile_arg(p)

@@ -196,14 +196,19 @@ class Matrix:
         ids = [e for row in t["rows"] for e in self.seed_runs(row["experiment"])] + list(t.get("noise", []))
         return list(dict.fromkeys(ids))
 
+    @property
+    def default_tables(self) -> list[str]:
+        """The tables `snakemake all` and dvc.yaml build: all but those marked `on_demand`."""
+        return [name for name in sorted(self.tables) if not self.tables[name].get("on_demand")]
+
     def figure_tables(self) -> list[str]:
-        """The tables with baselines to draw curves and gains of (every table but the literature comparisons)."""
-        return [name for name in sorted(self.tables) if "literature" not in self.tables[name]]
+        """The tables with baselines to draw curves and gains of (the default ones but the literature comparisons)."""
+        return [name for name in self.default_tables if "literature" not in self.tables[name]]
 
     def figure_experiments(self) -> list[str]:
         """The models Figures 3 and 4 (and the detections) are drawn for: the tables' 6-block ATSS R-50 DyHeads
         (scale, spatial and task attention, the paper's recipe and placement, the first seed)."""
-        exps = dict.fromkeys(row["experiment"] for t in self.tables.values() for row in t["rows"])
+        exps = dict.fromkeys(row["experiment"] for t in self.default_tables for row in self.tables[t]["rows"])
         return [e for e in exps if (s := self.experiments[e])["detector"] == "atss" and s["backbone"] == "r50"
                 and s["head"]["blocks"] == 6
                 and attention_letters(s["head"]) == "LSC" and not s.get("seed") and s.get("recipe", "paper") == "paper"

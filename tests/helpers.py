@@ -66,7 +66,7 @@ def dvc_stages(root: Path) -> dict[str, str]:
 
 # Figures are views of the runs drawn by Snakemake (workflow/rules/figures.smk); dvc.yaml versions the data,
 # models, metrics and tables only, so a dry run's figure jobs have no DVC stage to match.
-FIGURE_RULES = ("fig3", "fig4", "detections", "curves", "gains", "figures")
+FIGURE_RULES = ("fig3", "fig4", "detections", "curves", "gains", "figures", "convergence_figure", "convergence")
 
 
 def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str, str]:

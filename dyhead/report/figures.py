@@ -4,6 +4,8 @@
             log.jsonl; baselines dashed, DyHead rows solid     -> reports/figures/curves_<table>.png
     gains   each row's AP gain against its baseline, ours beside the paper's (Table 2: against the
             number of blocks, with the GFLOPs change beside)   -> reports/figures/gains_<table>.png
+    convergence  AP curves of the convergence control's long runs and of Table 3's detector pairs
+                                                               -> reports/figures/convergence.png
 
 Both read the same files the tables do (log.jsonl; the results frame of dyhead/report/results.py and the
 paper numbers of params/tables.yaml) and are logged to every MLflow run of the table.
@@ -150,5 +152,45 @@ def gains(name: str, profile: str, out: Path | None = None, runs_root: Path = Pa
     fig.suptitle(f"{name}: {table['title']}", fontsize=9)
     path = plots.save(fig, out or FIGURES / f"gains_{name}.png")
     _log_to_runs(name, matrix, profile, path)
+    log(f"wrote {path}")
+    return path
+
+
+PAIRS_TABLE = "table3"  # the convergence figure's second panel: Table 3's detector pairs
+
+
+def convergence(name: str, profile: str, out: Path | None = None, runs_root: Path = Path("runs"), log=print,
+                seeds: int | None = None) -> Path:
+    """AP at the curve points of `name`'s rows (the long baseline vs DyHead runs) in the top panel, of Table 3's
+    detector pairs in the bottom one: does DyHead's gain hold, grow or close as training goes on?"""
+    matrix = load_matrix(profile=profile, seeds=seeds)
+    panels = [(t, _table_rows(t, matrix)) for t in (name, PAIRS_TABLE)]
+    fig, axes = plots.figure(2, 1, size=(8.0, 7.0))
+    colors = plots.plt.get_cmap("tab10")
+    for ax, (table, rows) in zip(axes[:, 0], panels):
+        labels, drawn, detectors = matrix.tables[table]["labels"], 0, []
+        for row in rows:
+            exp = row["experiment"]
+            path = runs_root / profile / exp / "log.jsonl"
+            curve = read_log(path)[1] if path.exists() else []
+            if not curve:
+                continue
+            spec = matrix.experiments[exp]
+            detectors += [spec["detector"]] if spec["detector"] not in detectors else []
+            baseline = spec["head"]["blocks"] == 0
+            ax.plot([r["iteration"] for r in curve], [r["curve_ap"] for r in curve], marker="o", ms=2.5,
+                    ls="--" if baseline else "-", color=colors(detectors.index(spec["detector"]) % 10),
+                    label=row_name(row, labels) + (" (baseline)" if baseline else ""))
+            drawn += 1
+        if not drawn:
+            raise DyheadError(f"{table}: no row has AP curve points in its log.jsonl under {runs_root / profile}; "
+                              "train them with the profile's `curve` on")
+        ax.set_title(f"{table}: {matrix.tables[table]['title']}", fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("AP on the curve's val subset (%)")
+        ax.legend(fontsize=7, loc="lower right")
+    path = plots.save(fig, out or FIGURES / "convergence.png")
+    for table, _ in panels:
+        _log_to_runs(table, matrix, profile, path)
     log(f"wrote {path}")
     return path

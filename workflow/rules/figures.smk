@@ -75,3 +75,23 @@ rule figures:
     input:
         [f"reports/figures/{name}_{exp}.png" for exp in FIGURE_EXPS for name in ("fig3", "fig4", "detections")],
         [f"reports/figures/{name}_{table}.png" for table in FIGURE_TABLES for name in ("curves", "gains")],
+
+
+# The convergence control (params/tables.yaml `convergence`, on demand): `snakemake convergence` trains the
+# long runs (6x on mini) and Table 3's pairs, then writes reports/convergence.md and this figure.
+rule convergence_figure:
+    input:
+        table_runs("convergence", "train.json"),
+        table_runs("table3", "train.json"),
+    output:
+        report("reports/figures/convergence.png", caption="../report/convergence.rst", category="convergence"),
+    params:
+        profile=PROFILE,
+    shell:
+        "dyhead figure convergence convergence --profile {params.profile}"
+
+
+rule convergence:
+    input:
+        "reports/convergence.md",
+        "reports/figures/convergence.png",
