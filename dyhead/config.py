@@ -26,7 +26,8 @@ DEFAULT_PROFILE = "mini"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"  # shipped with the package: validation works outside a checkout
 # Switches not given in an experiment's head default to the full DyHead block.
 HEAD_DEFAULTS = {"scale": True, "spatial": True, "task": True, "high_offsets": "resample"}
-PLACED = ("faster_rcnn", "retinanet")  # detectors with a second DyHead placement (the official code's)
+PLACED = ("faster_rcnn", "retinanet")
+PAPER_SCHEDULES = ("1x", "2x", "3x")  # detectors with a second DyHead placement (the official code's)
 
 
 @dataclass(frozen=True)
@@ -414,6 +415,9 @@ class RunConfig:
         """What a checkpoint must agree with to be resumed: every setting that changes the weights
         (logging and checkpoint periods excluded)."""
         solver = {k: v for k, v in self.profile["solver"].items() if k not in ("checkpoint_period", "log_period")}
+        # max_iter holds the run's own length; schedules beyond the paper's three (6x: the convergence control)
+        # are left out, so adding one to a profile keeps every earlier run's digest
+        solver["schedules"] = {k: v for k, v in solver["schedules"].items() if k in PAPER_SCHEDULES}
         keep = {"spec": self.spec, "model": self.profile["model"], "input": self.profile["input"], "solver": solver,
                 "data": self.profile["data"], "seed": self.seed, "max_iter": self.max_iter}
         if self.backbone.get("weights") == PRETRAINED:  # the stand-in's recipe is part of the start point

@@ -78,3 +78,15 @@ def test_the_convergence_control_is_a_target_of_its_own(repo_copy):
     assert any(j["rule"] == "report" and j["wildcards"] == "table=convergence" for j in jobs)
     everything = snakemake("-n", "--cores", "4", "--config", "profile=mini", cwd=repo_copy)
     assert "6x" not in everything.stdout + everything.stderr  # not part of `all`
+
+
+def test_the_6x_schedule_leaves_every_earlier_runs_digest_alone(repo_copy):
+    import yaml
+
+    from dyhead.config import resolve
+
+    prof = yaml.safe_load((repo_copy / "params/profiles/mini.yaml").read_text())
+    del prof["solver"]["schedules"]["6x"]
+    (repo_copy / "params/profiles/without6x.yaml").write_text(yaml.safe_dump(prof))
+    for exp in ("atss-r50-base-1x", "atss-r50-dyh6-LSC-3x"):
+        assert resolve(exp, "mini").digest == resolve(exp, "without6x").digest
