@@ -110,13 +110,14 @@ def figure3(run: RunConfig, out: Path | None = None, images: int | None = None, 
     ratios = scale_ratios(model, stack, val, rt, images, run.profile["eval"]["batch_size"])
     fig, ax = plots.figure(1, 1, size=(6.0, 3.6))
     ax = ax[0, 0]
-    bins = np.linspace(0.5, 2.0, 61)  # each weight is in [0.5, 1] (hard sigmoid after ReLU): ratios in [0.5, 2]
+    # each weight is in [0.5, 1] (hard sigmoid after ReLU), so ratios lie in [0.5, 2]; the bins span what occurs
+    lo, hi = min(float(r.min()) for r in ratios), max(float(r.max()) for r in ratios)
+    lo, hi = min(lo, 0.99), max(hi, 1.01)
+    bins = np.linspace(lo, hi, 61)
     for level, r in enumerate(ratios):
         ax.hist(r, bins=bins, alpha=0.55, label=f"level {level + 1}" + (" (finest)" if level == 0 else ""),
                 density=True)
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xticks([0.5, 0.75, 1.0, 1.5, 2.0], ["0.5", "0.75", "1", "1.5", "2"])
     ax.set_xlabel("scale ratio: weight(higher resolution) / weight(lower resolution)")
     ax.set_ylabel("density")
     n = len(ratios[0]) // len(stack.blocks)
