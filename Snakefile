@@ -31,9 +31,16 @@ include: "workflow/rules/gpu.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/tta.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/figures.smk"
+
+
+# Snakemake's own HTML report (`snakemake --report reports/report.html`): this page first, then every table
+# and figure marked with report() in the rules
+report: "workflow/report/workflow.rst"
 
 
 rule all:
     default_target: True
     input:
-        [f"reports/{table}.md" for table in MATRIX.tables],
+        [f"reports/{table}.md" for table in MATRIX.default_tables],
+        rules.figures.input,

@@ -19,6 +19,10 @@ def _profile_arg(p: argparse.ArgumentParser) -> None:
                    help=f"params/profiles/<name>.yaml to run under (default: {DEFAULT_PROFILE})")
 
 
+def _seeds_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seeds", type=int, help="seed runs per table row to read (default: the profile's `seeds`, else 1)")
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the profile's runtime.threads)")
     p.add_argument("--dcn-backend", choices=["auto", "native", "torchvision"],
@@ -201,7 +205,33 @@ def cmd_flops(args) -> None:
 def cmd_report(args) -> None:
     from dyhead.report.tables import report
 
-    report(args.table, args.profile, args.out)
+    report(args.table, args.profile, args.out, seeds=args.seeds)
+
+
+MODEL_FIGURES = ("fig3", "fig4", "detections")  # of one trained experiment
+TABLE_FIGURES = ("curves", "gains", "convergence")  # of a table's runs
+
+
+def cmd_figure(args) -> None:
+    from dyhead.config import resolve
+
+    out = Path(args.out) if args.out else None
+    if args.images is not None and args.images < 1:
+        raise DyheadError(f"--images {args.images}: must be at least 1")
+    if args.name in TABLE_FIGURES:
+        from dyhead.report import figures
+
+        getattr(figures, args.name)(args.target, args.profile, out, seeds=args.seeds)
+        return
+    from dyhead.engine import visualize
+
+    run = resolve(args.target, args.profile)
+    if args.name == "fig3":
+        visualize.figure3(run, out, images=args.images, threads=args.threads, backend=args.dcn_backend)
+    elif args.name == "fig4":
+        visualize.figure4(run, out, images=args.images or 4, threads=args.threads, backend=args.dcn_backend)
+    else:
+        visualize.detections(run, out, images=args.images or 4)
 
 
 def cmd_results(args) -> None:
@@ -379,8 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "profile) from the runs' metrics and FLOPs")
     p.add_argument("table", help="table1 | table2 | ... (params/tables.yaml) | grid_<name> (params/grids.yaml)")
     _profile_arg(p)
+    _seeds_arg(p)
     p.add_argument("--out", help="output file (default: reports/<table>.md; the .csv beside it)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("figure", help="draw a figure into reports/figures/: fig3 | fig4 | detections of a trained "
+                       "experiment, curves | gains | convergence of a table (each also logged to MLflow)")
+    p.add_argument("name", choices=MODEL_FIGURES + TABLE_FIGURES)
+    p.add_argument("target", help="an experiment id (fig3, fig4, detections) or a table (curves, gains)")
+    _profile_arg(p)
+    _runtime_args(p)
+    p.add_argument("--images", type=int, help="val images to use (fig3: all; fig4 and detections: 4)")
+    _seeds_arg(p)
+    p.add_argument("--out", help="output PNG (default: reports/figures/<name>_<target>.png)")
+    p.set_defaults(func=cmd_figure)
 
     p = sub.add_parser("results", help="write every run of a profile, one row each, to reports/results.csv")
     _profile_arg(p)

@@ -26,7 +26,8 @@ DEFAULT_PROFILE = "mini"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"  # shipped with the package: validation works outside a checkout
 # Switches not given in an experiment's head default to the full DyHead block.
 HEAD_DEFAULTS = {"scale": True, "spatial": True, "task": True, "high_offsets": "resample"}
-PLACED = ("faster_rcnn", "retinanet")  # detectors with a second DyHead placement (the official code's)
+PLACED = ("faster_rcnn", "retinanet")
+PAPER_SCHEDULES = ("1x", "2x", "3x")  # detectors with a second DyHead placement (the official code's)
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,11 @@ class Matrix:
     grids: dict = field(default_factory=dict)  # name -> expanded grid (dyhead.grids.expand_grid)
     # experiment -> the key of params/experiments.yaml that defines it (DVC tracks that key per experiment)
     param_keys: dict = field(default_factory=dict)
+    seeds: int = 1  # each table row trained with this many seeds (`seeds` of the profile, or --config seeds=N)
+
+    def seed_runs(self, exp_id: str) -> list[str]:
+        """The experiment and its derived seed runs (`<id>-seed1` ...), `seeds` in all."""
+        return [exp_id] + [seed_variant_id(exp_id, self.experiments[exp_id], k) for k in range(1, self.seeds)]
 
     @property
     def reports(self) -> list[str]:
@@ -188,8 +194,26 @@ class Matrix:
         if table not in self.tables:
             raise DyheadError(f"unknown table {table!r}; params/ defines {', '.join(self.reports)}")
         t = self.tables[table]
-        ids = [row["experiment"] for row in t["rows"]] + list(t.get("noise", []))
+        ids = [e for row in t["rows"] for e in self.seed_runs(row["experiment"])] + list(t.get("noise", []))
         return list(dict.fromkeys(ids))
+
+    @property
+    def default_tables(self) -> list[str]:
+        """The tables `snakemake all` and dvc.yaml build: all but those marked `on_demand`."""
+        return [name for name in sorted(self.tables) if not self.tables[name].get("on_demand")]
+
+    def figure_tables(self) -> list[str]:
+        """The tables with baselines to draw curves and gains of (the default ones but the literature comparisons)."""
+        return [name for name in self.default_tables if "literature" not in self.tables[name]]
+
+    def figure_experiments(self) -> list[str]:
+        """The models Figures 3 and 4 (and the detections) are drawn for: the tables' 6-block ATSS R-50 DyHeads
+        (scale, spatial and task attention, the paper's recipe and placement, the first seed)."""
+        exps = dict.fromkeys(row["experiment"] for t in self.default_tables for row in self.tables[t]["rows"])
+        return [e for e in exps if (s := self.experiments[e])["detector"] == "atss" and s["backbone"] == "r50"
+                and s["head"]["blocks"] == 6
+                and attention_letters(s["head"]) == "LSC" and not s.get("seed") and s.get("recipe", "paper") == "paper"
+                and s["head"].get("high_offsets", "resample") == "resample"]
 
     def tables_of(self, exp_id: str) -> list[str]:
         return [name for name in sorted(self.tables) if exp_id in self.table_experiments(name)]
@@ -249,8 +273,22 @@ def _rows_for_profile(tables: dict, profile: str | None, tab_path: Path, known_p
     return out
 
 
-def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
-    """The experiments, tables and grids of params/; under `profile`, with its table schedules and rows applied."""
+def seed_variant_id(exp_id: str, spec: dict, k: int) -> str:
+    """The id of `exp_id` trained with its seed + k (the naming rule's `-seedN`)."""
+    return canonical_id({**spec, "seed": spec.get("seed", 0) + k})
+
+
+def derived_seed_spec(exp_id: str, experiments: dict) -> dict | None:
+    """The spec of `<id>-seedN` for an experiment `<id>` without a seed (a derived seed run), else None."""
+    m = re.fullmatch(r"(.+)-seed([1-9][0-9]*)", exp_id)
+    if not m or m.group(1) not in experiments or experiments[m.group(1)].get("seed"):
+        return None
+    return {**experiments[m.group(1)], "seed": int(m.group(2))}
+
+
+def load_matrix(root: Path | None = None, profile: str | None = None, seeds: int | None = None) -> Matrix:
+    """The experiments, tables and grids of params/; under `profile`, with its table schedules and rows applied.
+    `seeds` (default: the profile's `seeds`, else 1) > 1 adds each table row's derived seed runs."""
     from dyhead.grids import load_grids  # grids.py builds on this module's naming rule
 
     root = root or repo_root()
@@ -294,7 +332,20 @@ def load_matrix(root: Path | None = None, profile: str | None = None) -> Matrix:
                 param_keys[cell["experiment"]] = (f"detector_defaults.{detector}" if detector in defaults
                                                   else "detector_defaults" if "detector_defaults" in raw
                                                   else "experiments")
-    return Matrix(experiments, tables, profile, grids, param_keys)
+    if seeds is None:
+        seeds = load_profile(profile, root).get("seeds", 1) if profile else 1
+    if seeds < 1:
+        raise DyheadError(f"seeds {seeds}: must be at least 1")
+    for table in tables.values():  # derived seed runs: tracked by DVC through the key that defines the row
+        for row in table["rows"]:
+            for k in range(1, seeds):
+                exp = row["experiment"]
+                derived = seed_variant_id(exp, experiments[exp], k)
+                spec = {**experiments[exp], "seed": experiments[exp].get("seed", 0) + k}
+                if experiments.setdefault(derived, spec) != spec:
+                    raise DyheadError(f"{exp_path}: experiments.{derived}: defined with other fields than seed {k} of {exp}")
+                param_keys.setdefault(derived, param_keys[exp])
+    return Matrix(experiments, tables, profile, grids, param_keys, seeds)
 
 
 def profile_names(root: Path | None = None) -> list[str]:
@@ -366,6 +417,9 @@ class RunConfig:
         """What a checkpoint must agree with to be resumed: every setting that changes the weights
         (logging and checkpoint periods excluded)."""
         solver = {k: v for k, v in self.profile["solver"].items() if k not in ("checkpoint_period", "log_period")}
+        # max_iter holds the run's own length; schedules beyond the paper's three (6x: the convergence control)
+        # are left out, so adding one to a profile keeps every earlier run's digest
+        solver["schedules"] = {k: v for k, v in solver["schedules"].items() if k in PAPER_SCHEDULES}
         keep = {"spec": self.spec, "model": self.profile["model"], "input": self.profile["input"], "solver": solver,
                 "data": self.profile["data"], "seed": self.seed, "max_iter": self.max_iter}
         if self.backbone.get("weights") == PRETRAINED:  # the stand-in's recipe is part of the start point
@@ -407,12 +461,12 @@ def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None 
     matrix = matrix or load_matrix(root, profile_name)
     if matrix.profile != profile_name:
         raise ValueError(f"resolve: matrix loaded for profile {matrix.profile!r}, not {profile_name!r}")
-    if exp_id not in matrix.experiments:
+    spec = matrix.experiments.get(exp_id) or derived_seed_spec(exp_id, matrix.experiments)
+    if spec is None:
         close = [e for e in matrix.experiments if e.split("-")[:2] == exp_id.split("-")[:2]][:3]
         hint = f"; did you mean {', '.join(close)}?" if close else "; `dyhead list` shows them"
         raise DyheadError(f"unknown experiment {exp_id!r}{hint}")
     profile = load_profile(profile_name, root)
-    spec = matrix.experiments[exp_id]
     if spec["backbone"] not in profile["model"]["backbones"]:
         raise DyheadError(
             f"params/profiles/{profile_name}.yaml: model.backbones: no entry for {spec['backbone']!r} (needed by {exp_id})"

@@ -189,7 +189,8 @@ def report_stage(table: str, profile_name: str, matrix: Matrix) -> dict:
     return {"cmd": f"dyhead report {table} --profile {profile_name} --out reports/{table}.md",
             "deps": deps + ["dyhead/report"],
             "params": [source, {f"params/profiles/{profile_name}.yaml": None}],
-            "outs": [{f"reports/{table}.md": UNCACHED}, {f"reports/{table}.csv": UNCACHED}]}
+            "outs": [{f"reports/{table}.md": UNCACHED}, {f"reports/{table}.csv": UNCACHED},
+                     {f"reports/{table}.html": UNCACHED}]}
 
 
 def build_stages(profile_name: str, tables: list[str] | None = None, grids: list[str] | None = None) -> dict:
@@ -200,7 +201,7 @@ def build_stages(profile_name: str, tables: list[str] | None = None, grids: list
         if grid not in matrix.grids:
             raise DyheadError(f"unknown grid {grid!r}; params/grids.yaml defines {', '.join(matrix.grids) or 'none'}")
     if tables is None and grids is None:
-        tables, grids = sorted(matrix.tables), list(matrix.grids)
+        tables, grids = matrix.default_tables, list(matrix.grids)
     reports = list(tables or []) + [GRID_PREFIX + g for g in grids or []]
     ids = list(dict.fromkeys(e for t in reports for e in matrix.table_experiments(t)))
     weights = _weights(matrix, profile_name, profile, ids)

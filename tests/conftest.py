@@ -7,8 +7,9 @@ from tests.helpers import REPO, run
 
 @pytest.fixture
 def repo_copy(tmp_path, monkeypatch):
-    """A scratch copy of the repository's params/ and workflow/ to edit and run in."""
-    for name in ("params", "workflow"):
+    """A scratch copy of the repository's params/, workflow/ and Snakemake's default profile to edit and run in
+    (without profiles/ Snakemake would not `rerun-incomplete` as it does for a user)."""
+    for name in ("params", "workflow", "profiles"):
         shutil.copytree(REPO / name, tmp_path / name)
     shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
     monkeypatch.chdir(tmp_path)

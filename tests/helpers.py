@@ -64,13 +64,18 @@ def dvc_stages(root: Path) -> dict[str, str]:
         return {stage.addressing: stage.cmd for stage in repo.index.stages}
 
 
+# Figures are views of the runs drawn by Snakemake (workflow/rules/figures.smk); dvc.yaml versions the data,
+# models, metrics and tables only, so a dry run's figure jobs have no DVC stage to match.
+FIGURE_RULES = ("fig3", "fig4", "detections", "curves", "gains", "figures", "convergence_figure", "convergence")
+
+
 def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str, str]:
     """Job -> command of a full dry run, named as dvc.yaml names its stages; without `2>&1 | tee log`."""
     # --cores: a dry run otherwise caps every job's threads at 1
     proc = snakemake(*targets, "-n", "-p", "-F", "--cores", "1024", "--config", f"profile={profile}", cwd=root)
     names = {}
     for job in dry_run_jobs(proc.stdout + proc.stderr):
-        if job["rule"] == "all":
+        if job["rule"] in ("all",) + FIGURE_RULES:
             continue
         wildcards = dict(w.split("=", 1) for w in job["wildcards"].split(", ") if w)
         if job["rule"] == "report":

@@ -147,3 +147,21 @@ def test_dyhead_report_writes_the_table_its_csv_and_results_csv(repo_copy, monke
     # the markdown is the same rebuilt from the CSV alone
     rebuilt = render_table("table2", matrix, "mini", results)
     assert (repo_copy / "reports/table2.md").read_text() == rebuilt
+
+
+def test_each_table_opens_with_the_trend_against_the_paper(repo_copy, monkeypatch):
+    """Sign agreement per row and Spearman's rho of the gains, in one line under the title."""
+    monkeypatch.setenv("DYHEAD_TRACKING", "off")
+    matrix = load_matrix(profile="mini")
+    # gains -1, 1, 2, 3, 2.5, 4 against the paper's -2.3, 0.5, 3.0, 3.6, 3.5, 3.3: every sign agrees; the ranks
+    # differ in the last three (d = -1, -1, 2): rho = 1 - 6 * 6 / (6 * 35) = 0.83
+    ours = {0: 30.0, 1: 29.0, 2: 31.0, 4: 32.0, 6: 33.0, 8: 32.5, 10: 34.0}
+    for exp in matrix.table_experiments("table2"):
+        blocks = matrix.experiments[exp]["head"]["blocks"]
+        write_fake_run(repo_copy, "mini", exp, ours[blocks], spec=matrix.experiments[exp])
+    dyhead("report", "table2", "--profile", "mini", cwd=repo_copy)
+    lines = (repo_copy / "reports/table2.md").read_text().splitlines()
+    assert lines[2] == ("Trend vs the paper: our AP gain has the paper's sign in 6 of 6 rows; "
+                        "Spearman rank correlation of the gains +0.83.")
+    html = (repo_copy / "reports/table2.html").read_text()
+    assert "<table>" in html and "Trend vs the paper" in html

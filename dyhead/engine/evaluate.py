@@ -5,52 +5,15 @@
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 from dataclasses import asdict
 
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-
 from dyhead.config import RunConfig
-from dyhead.data.synthetic import area_ranges
 from dyhead.engine import runtime
-from dyhead.engine.inference import load_trained, predict_sharded
+from dyhead.engine.inference import METRICS, coco_metrics, load_trained, predict_sharded, profile_area_ranges  # noqa: F401
 from dyhead.engine.tracking import log_run_outputs
 from dyhead.engine.tta import predict_tta, tta_config
 from dyhead.files import save_json
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
-                 area_ranges: dict | None = None) -> dict:
-    """COCOeval bbox summary in percent; AP is 0 when there are no detections at all.
-
-    `area_ranges` ({small, medium, large} -> [lo, hi] px^2) replaces COCO's 32^2 / 96^2 limits, which
-    suit ~640 px images; the synthetic set scales them to its image size.
-    """
-    if not results:
-        return {k: 0.0 for k in METRICS}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        if image_ids is not None:
-            ev.params.imgIds = sorted(image_ids)
-        if area_ranges is not None:
-            ev.params.areaRng = [[0.0, 1e10]] + [list(area_ranges[k]) for k in ("small", "medium", "large")]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    # stats: AP, AP50, AP75, APs, APm, APl, then recalls; -1 means "no such objects".
-    return {k: round(100.0 * float(v), 2) if v >= 0 else None for k, v in zip(METRICS, ev.stats[:6])}
-
-
-def profile_area_ranges(run: RunConfig) -> dict | None:
-    """The synthetic set's object-size limits, scaled to its image size; None (COCO's own) for real data."""
-    data = run.profile["data"]
-    return area_ranges(data["synthetic"]["image_size"]) if data["source"] == "synthetic" else None
 
 
 def evaluate(run: RunConfig, *, tta: bool = False, threads: int | None = None, backend: str | None = None,

@@ -1,4 +1,5 @@
-"""Inference shared by evaluation, TTA, test-dev and the figures: load a trained model, predict, COCO results.
+"""Inference shared by evaluation, TTA, test-dev, the training's AP curve and the figures: load a trained model,
+predict, COCO results, COCOeval scores.
 
     model = load_trained(run, dataset.category_ids, rt.device, rt.backend, annotations)
     results = predict_sharded(model, dataset, batch_size, rt.ctx, rt.log, tag)   # COCO result entries
@@ -8,14 +9,19 @@ everything else, batching, sharding over ranks and the mapping back to original 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from dyhead.config import RunConfig
 from dyhead.data.coco import collate
+from dyhead.data.synthetic import area_ranges
 from dyhead.engine import distributed
 from dyhead.engine.runtime import to_device
 from dyhead.errors import DyheadError
@@ -84,10 +90,72 @@ def predict(model, dataset, batches: list[list[int]], device, log=print, tag: st
 
 
 def predict_sharded(model, dataset, batch_size: int, ctx, log, tag: str,
-                    forward: Callable | None = None) -> list[dict] | None:
+                    forward: Callable | None = None, limit: int | None = None) -> list[dict] | None:
     """Under torchrun each rank takes every world_size-th batch and rank 0 gathers (None elsewhere);
-    a single process predicts every batch."""
-    batches = distributed.shard_batches(len(dataset), batch_size, ctx)
+    a single process predicts every batch. `limit`: the first `limit` images only."""
+    num = len(dataset) if limit is None else min(limit, len(dataset))
+    batches = distributed.shard_batches(num, batch_size, ctx)
     results = predict(model, dataset, batches, ctx.device, log, tag, forward)
-    ids = dataset.image_ids
+    ids = dataset.image_ids[:num]
     return distributed.gather_predictions(results, [ids[i] for b in batches for i in b], ids, ctx)
+
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_eval(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+              area_ranges: dict | None = None) -> COCOeval:
+    """pycocotools' bbox COCOeval, evaluated, accumulated and summarised (its prints silenced).
+
+    `area_ranges` ({small, medium, large} -> [lo, hi] px^2) replaces COCO's 32^2 / 96^2 limits, which
+    suit ~640 px images; the synthetic set scales them to its image size.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(image_ids)
+        if area_ranges is not None:
+            ev.params.areaRng = [[0.0, 1e10]] + [list(area_ranges[k]) for k in ("small", "medium", "large")]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+                 area_ranges: dict | None = None) -> dict:
+    """COCOeval bbox summary in percent; AP is 0 when there are no detections at all."""
+    if not results:
+        return {k: 0.0 for k in METRICS}
+    ev = coco_eval(coco_gt, results, image_ids, area_ranges)
+    # stats: AP, AP50, AP75, APs, APm, APl, then recalls; -1 means "no such objects".
+    return {k: round(100.0 * float(v), 2) if v >= 0 else None for k, v in zip(METRICS, ev.stats[:6])}
+
+
+def per_class_ap(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = None,
+                 area_ranges: dict | None = None) -> list[dict]:
+    """Per category: AP (IoU .50:.95) and AP50 in percent from COCOeval's precision array
+    [IoU, recall, category, area, max detections] at all areas and 100 detections; None where the
+    category has no ground truth; and the number of non-crowd instances."""
+    ids = sorted(coco_gt.getCatIds())
+    ev = coco_eval(coco_gt, results, image_ids, area_ranges) if results else None
+    rows = []
+    for cat in ids:
+        ann_ids = coco_gt.getAnnIds(imgIds=image_ids or [], catIds=[cat], iscrowd=False)
+        row = {"category_id": cat, "instances": len(ann_ids), "AP": None, "AP50": None}
+        if ev is None:
+            row.update(AP=0.0 if ann_ids else None, AP50=0.0 if ann_ids else None)
+        else:
+            prec = ev.eval["precision"][:, :, ev.params.catIds.index(cat), 0, -1]
+            for key, values in (("AP", prec), ("AP50", prec[0])):
+                valid = values[values > -1]
+                row[key] = round(100.0 * float(valid.mean()), 2) if valid.size else None
+        rows.append(row)
+    return rows
+
+
+def profile_area_ranges(run: RunConfig) -> dict | None:
+    """The synthetic set's object-size limits, scaled to its image size; None (COCO's own) for real data."""
+    data = run.profile["data"]
+    return area_ranges(data["synthetic"]["image_size"]) if data["source"] == "synthetic" else None

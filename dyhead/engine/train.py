@@ -6,7 +6,8 @@ run resumed from its last checkpoint ends with the same weights as an uninterrup
 
     runs/<profile>/<exp>/checkpoints/last.pth   every solver.checkpoint_period iterations (deleted at the end)
     runs/<profile>/<exp>/log.jsonl              a line per log period: losses, lr, max gradient norm, s/it,
-                                                s/it spent waiting for data
+                                                s/it spent waiting for data; a line per curve point: curve_ap,
+                                                curve_ap50, ... (profile `curve`)
     runs/<profile>/<exp>/model_final.pth        weights, categories and the settings they were trained with
     runs/<profile>/<exp>/train.json             the summary (time, memory, versions, settings)
 """
@@ -28,7 +29,7 @@ from dyhead.config import RunConfig
 from dyhead.data.coco import collate
 from dyhead.data.sampler import GroupedBatchSchedule, ResumableBatchSampler
 from dyhead.engine import distributed, runtime
-from dyhead.engine.inference import final_weights
+from dyhead.engine.inference import coco_metrics, final_weights, predict_sharded, profile_area_ranges
 from dyhead.engine.tracking import NullTracker, Tracker, flat_params
 from dyhead.errors import DyheadError
 from dyhead.files import clean_leftovers, load_json, load_torch, save_json, save_text, save_torch
@@ -194,6 +195,7 @@ class Training:
     elapsed_before: float  # seconds spent before a resume
     tracker: object
     scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 has fp32's range and needs none
+    curve_data: object = None  # the val split the AP curve reads (profile `curve`), None when it is off
 
     @property
     def ckpt_path(self) -> Path:
@@ -219,7 +221,9 @@ def setup(run: RunConfig, rt: runtime.Runtime) -> Training:
     if start == 0 and rt.ctx.is_main:
         remove_stale(run, rt.log)
     tracker = open_tracker(run, rt.ctx, start, rt.backend, rt.precision)
-    return Training(run, rt, dataset, model, net, params, optimizer, start, elapsed_before, tracker, scaler)
+    curve_data = runtime.make_dataset(run, train=False) if curve_settings(run)[0] else None
+    return Training(run, rt, dataset, model, net, params, optimizer, start, elapsed_before, tracker, scaler,
+                    curve_data)
 
 
 def loader_for(t: Training, end: int) -> torch.utils.data.DataLoader:
@@ -283,6 +287,45 @@ def log_window(t: Training, window: LossWindow, done: int, seconds: float) -> di
     return losses
 
 
+def curve_settings(run: RunConfig) -> tuple[int, int]:
+    """(period in iterations, val images) of the AP curve; (0, 0) when the profile has it off. A profile
+    section of its own: outside the settings digest (it does not change the weights) and outside the keys
+    DVC's evaluate stages track (`eval`), so turning it on invalidates nothing."""
+    curve = run.profile.get("curve", {})
+    period, images = curve.get("period", 0), curve.get("images", 0)
+    return (period, images) if period and images else (0, 0)
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def curve_point(t: Training, done: int) -> dict | None:
+    """COCO AP of the model at iteration `done` on the first `curve.images` val images: a line in log.jsonl
+    and MLflow metrics. Eval mode (BN statistics read, not updated), no gradients and a forked RNG (the val
+    DataLoader draws a seed from the global generator), so the training continues bit-identically to a run
+    without the curve. Under torchrun every rank predicts a shard of the images and rank 0 scores them."""
+    run, rt, val = t.run, t.rt, t.curve_data
+    images = min(curve_settings(run)[1], len(val))
+    t0 = time.perf_counter()
+    devices = [rt.device] if rt.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), rt.autocast():
+        results = predict_sharded(t.model, val, run.profile["eval"]["batch_size"], rt.ctx, _quiet, run.experiment,
+                                  limit=images)
+    t.model.train()
+    if not rt.ctx.is_main:
+        return None
+    metrics = coco_metrics(val.coco, results, val.image_ids[:images], profile_area_ranges(run))
+    record = {"iteration": done, **{f"curve_{k.lower()}": v for k, v in metrics.items()},
+              "curve_images": images, "curve_seconds": round(time.perf_counter() - t0, 3)}
+    with open(run.run_dir / LOG, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    t.tracker.log_metrics({k: v for k, v in record.items() if k.startswith("curve_ap") and v is not None}, step=done)
+    rt.log(f"[{run.experiment}] it {done} curve AP {metrics['AP']} AP50 {metrics['AP50']} on {images} val images "
+           f"({record['curve_seconds']:.1f}s)")
+    return record
+
+
 def save_checkpoint(t: Training, done: int, elapsed: float) -> None:
     if not all(torch.isfinite(p).all() for p in t.model.parameters()):
         raise DyheadError(f"[{t.run.experiment}] weights became non-finite at iteration {done}; stopped, "
@@ -335,6 +378,9 @@ def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
         if done % solver["log_period"] == 0 or done == max_iter:
             last_losses = log_window(t, window, done, time.perf_counter() - t0)
             window = LossWindow()
+        # before the checkpoint: a checkpoint at `done` implies its curve point is logged (resume adds none twice)
+        if t.curve_data is not None and (done % curve_settings(run)[0] == 0 or done == max_iter):
+            curve_point(t, done)
         if done % solver["checkpoint_period"] == 0 and done < max_iter:
             save_checkpoint(t, done, t.elapsed_before + time.perf_counter() - t0)
         iteration = done

@@ -1,4 +1,4 @@
-"""reports/tableN.md and .csv (and the controls', reports/<name>.*) from the results DataFrame alone.
+"""reports/tableN.md, .csv and .html (and the controls', reports/<name>.*) from the results DataFrame alone.
 
 The markdown shows, per row, ours beside the paper's for the table's main metrics (`main_metrics`,
 default AP) and the gain against the baseline row, ours and the paper's; reports/<table>.csv holds the
@@ -11,11 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import t as t_dist
 
 from dyhead.config import GRID_PREFIX, RECIPES, Matrix, load_matrix, load_profile, resolve
 from dyhead.engine.tracking import log_run_outputs
 from dyhead.errors import DyheadError
 from dyhead.files import save_text
+from dyhead.plots import html_page
 from dyhead.report import grids as grid_report
 from dyhead.report.results import RESULTS_CSV, Runs, collect, write_results
 from dyhead.report.text import (PAPER, backbone_start, coco_gflops, diff, fmt, heading, lr_exceptions,
@@ -30,7 +32,7 @@ def _r(v, digits: int = 4):
     return None if v is None else round(v, digits)
 
 
-def _baselines(rows: list[dict], group_label: str | None) -> list[dict]:
+def baselines(rows: list[dict], group_label: str | None) -> list[dict]:
     """For each row, the row its gain is measured against: the first row of its group (or of the table)."""
     first: dict = {}
     return [first.setdefault(row["label"][group_label] if group_label else None, row) for row in rows]
@@ -55,6 +57,38 @@ def _verdict(rows: list[dict], baseline_of: list[dict], runs: Runs, profile_name
         said += (f" The paper reports a gain for every detector ({min(paper_gains):+.1f} to {max(paper_gains):+.1f} AP "
                  "on COCO). Each of our rows is one training run with one seed, so small differences are within noise.")
     return said
+
+
+def seed_stats(ours: list[float], base: list[float], level: float = 0.95) -> dict:
+    """Mean and standard deviation of a row's per-seed values, and its gain over the baseline as the mean of
+    the per-seed differences (seed k of the row minus seed k of the baseline: paired, since a seed fixes the
+    data order and the starting weights of both) with its two-sided t interval over the seeds."""
+    values, diffs = pd.Series(ours, dtype=float), pd.Series(ours, dtype=float) - pd.Series(base, dtype=float)
+    n = len(diffs)
+    half = t_dist.ppf(0.5 + level / 2, n - 1) * diffs.std(ddof=1) / n ** 0.5 if n > 1 else float("nan")
+    gain = diffs.mean()
+    return {"mean": values.mean(), "std": values.std(ddof=1), "gain": gain, "lo": gain - half, "hi": gain + half}
+
+
+def trend_line(records: list[dict], baseline_of: list[dict], rows: list[dict], metric: str = "AP") -> str:
+    """One line: in how many rows our gain over the baseline has the paper's sign, and the Spearman rank
+    correlation of our gains with the paper's (pandas), over the rows that have both."""
+    pairs = pd.DataFrame([(rec[f"{metric} gain"], rec[f"{metric} gain (paper)"])
+                          for rec, row, base in zip(records, rows, baseline_of) if row is not base],
+                         columns=["ours", "paper"], dtype=float).dropna()
+    if pairs.empty:
+        return f"Trend vs the paper: no row has both our {metric} gain and the paper's."
+    agree = int((np_sign(pairs["ours"]) == np_sign(pairs["paper"])).sum())
+    rho = pairs["ours"].corr(pairs["paper"], method="spearman") if len(pairs) >= 3 else float("nan")
+    rank = (f"Spearman rank correlation of the gains {rho:+.2f}" if rho == rho
+            else "rank correlation needs 3 rows with distinct gains")
+    return (f"Trend vs the paper: our {metric} gain has the paper's sign in {agree} of {len(pairs)} rows; "
+            f"{rank}.")
+
+
+def np_sign(values: pd.Series) -> pd.Series:
+    """-1, 0 or +1; a gain within 0.05 AP (the tables' rounding) counts as 0."""
+    return values.where(values.abs() >= 0.05, 0.0).apply(lambda v: (v > 0) - (v < 0))
 
 
 def _ours_prefix(row: dict) -> str:
@@ -153,7 +187,7 @@ def ablation_records(name: str, matrix: Matrix, runs: Runs) -> list[dict]:
     (ours and the paper's), and GFLOPs where the table has them."""
     table = matrix.tables[name]
     grouped = GROUP_LABEL in table["labels"]
-    baseline_of = _baselines(table["rows"], GROUP_LABEL if grouped else None)
+    baseline_of = baselines(table["rows"], GROUP_LABEL if grouped else None)
     base_exp = table["rows"][0]["experiment"]
     records = []
     for i, row in enumerate(table["rows"]):
@@ -168,9 +202,15 @@ def ablation_records(name: str, matrix: Matrix, runs: Runs) -> list[dict]:
                         "ΔGFLOPs %": _r(None if not paper_g else 100.0 * (ours_g / paper_g - 1))})
         for m in table["metrics"]:
             ours = runs.get(exp, m)
-            rec.update({m: ours, f"{m} (paper)": paper.get(m), f"Δ{m}": _r(diff(ours, paper.get(m))),
-                        f"{m} gain": _r(diff(ours, runs.get(base["experiment"], m))),
-                        f"{m} gain (paper)": _r(diff(paper.get(m), base["paper"].get(m)))})
+            gain = diff(ours, runs.get(base["experiment"], m))
+            if matrix.seeds > 1:  # the mean over the row's seed runs; the gain paired by seed with the baseline's
+                stats = seed_stats([runs.get(e, m) for e in matrix.seed_runs(exp)],
+                                   [runs.get(e, m) for e in matrix.seed_runs(base["experiment"])])
+                ours, gain = stats["mean"], stats["gain"]
+                rec.update({f"{m} std": _r(stats["std"]), f"{m} gain lo": _r(stats["lo"]),
+                            f"{m} gain hi": _r(stats["hi"])})
+            rec.update({m: _r(ours), f"{m} (paper)": paper.get(m), f"Δ{m}": _r(diff(ours, paper.get(m))),
+                        f"{m} gain": _r(gain), f"{m} gain (paper)": _r(diff(paper.get(m), base["paper"].get(m)))})
         records.append(rec)
     return records
 
@@ -192,6 +232,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
     records = ablation_records(name, matrix, runs)
 
     lines = heading(name, table)
+    lines += [trend_line(records, baselines(table["rows"], GROUP_LABEL if grouped else None), table["rows"]), ""]
     lines.append(
         f"Ours: profile **{profile_name}** ({profile['description']}); {_evaluated_on(runs, base_exp)}. "
         f"Paper: {PAPER}, COCO val2017. AP in percent; "
@@ -208,9 +249,17 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
     for i, rec in enumerate(records):
         cells = [str(rec[k]) for k in table["labels"]]
         cells += [fmt(rec[c], signed=(c == "ΔGFLOPs %" or (i > 0 and not grouped))) for c in gflops]
-        cells += [fmt(rec[c], signed="gain" in c) for c in metric_cols]
+        cells += [seeded_cell(rec, c) if matrix.seeds > 1 else fmt(rec[c], signed="gain" in c) for c in metric_cols]
         body.append(cells)
     lines += markdown_table(header, body) + [""]
+    if matrix.seeds > 1:
+        lines.append(
+            f"Ours: the mean ± standard deviation over {matrix.seeds} seeds per row (`<experiment>`, "
+            f"`<experiment>-seed1` … `-seed{matrix.seeds - 1}`). A gain is the mean of the per-seed differences with "
+            "the baseline trained with the same seed (paired: a seed fixes the data order and the starting weights), "
+            f"with its 95% t interval over the {matrix.seeds} differences in brackets; * marks a gain whose interval "
+            "excludes 0 (larger than the seed-to-seed noise).")
+        lines.append("")
 
     if table.get("flops") and grouped:
         lines.append(
@@ -218,7 +267,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
             "count includes its RoI head on a fixed 1000 proposals. The paper gives no GFLOPs for this table."
         )
         lines.append("")
-        lines.append(_verdict(table["rows"], _baselines(table["rows"], GROUP_LABEL), runs, profile_name))
+        lines.append(_verdict(table["rows"], baselines(table["rows"], GROUP_LABEL), runs, profile_name))
         lines.append("")
     elif table.get("flops"):
         lines.append(
@@ -248,6 +297,20 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
     )
     lines.append("")
     return "\n".join(lines)
+
+
+def seeded_cell(rec: dict, column: str) -> str:
+    """'31.20 ± 0.40' for ours, '+1.20 [+0.30, +2.10] *' for our gain (the interval excludes 0); the paper's as they are."""
+    if column.endswith("(paper)"):
+        return fmt(rec[column], signed="gain" in column)
+    if column.endswith(" gain"):
+        lo, hi = rec.get(f"{column} lo"), rec.get(f"{column} hi")
+        if lo is None or hi is None or rec[column] is None:
+            return fmt(rec[column], signed=True)
+        mark = " *" if lo > 0 or hi < 0 else ""
+        return f"{fmt(rec[column], True)} [{fmt(lo, True)}, {fmt(hi, True)}]{mark}"
+    std = rec.get(f"{column} std")
+    return fmt(rec[column]) if std is None else f"{fmt(rec[column])} ± {std:.2f}"
 
 
 def _kernel_note(table: dict, matrix: Matrix) -> str:
@@ -293,11 +356,11 @@ def render(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) 
 
 
 def report(table: str, profile_name: str, out: Path | None = None, log=print, runs_root: Path = Path("runs"),
-           results_csv: Path = RESULTS_CSV) -> Path:
+           results_csv: Path = RESULTS_CSV, seeds: int | None = None) -> Path:
     """`dyhead report`: every run of the profile into reports/results.csv, then the table (or grid_<name>)
     from it: reports/<name>.md and .csv, the markdown attached to every run it summarises (each run in
     `mlflow ui` links to its table)."""
-    matrix = load_matrix(profile=profile_name)
+    matrix = load_matrix(profile=profile_name, seeds=seeds)
     if table not in matrix.reports:
         raise DyheadError(f"unknown table {table!r}; params/ defines {', '.join(matrix.reports)}")
     out = Path(out or f"reports/{table}.md")
@@ -305,12 +368,13 @@ def report(table: str, profile_name: str, out: Path | None = None, log=print, ru
     text, frame = render(table, matrix, profile_name, results)
     write_results(results, results_csv)
     save_text(out.with_suffix(".csv"), frame.to_csv(index=False))
+    save_text(out.with_suffix(".html"), html_page(text, table))  # what Snakemake's HTML report shows
     save_text(out, text)
     for exp in matrix.table_experiments(table):
         run = resolve(exp, profile_name, matrix=matrix)
         if (run.run_dir / "metrics.json").exists():
             log_run_outputs(run, "report", [out], {}, 0)
-    log(f"wrote {out}, {out.with_suffix('.csv')} and {results_csv} (profile {profile_name})")
+    log(f"wrote {out}, {out.with_suffix('.csv')}, {out.with_suffix('.html')} and {results_csv} (profile {profile_name})")
     return out
 
 

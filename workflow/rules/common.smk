@@ -9,12 +9,14 @@ from dyhead.errors import DyheadError
 
 PROFILE = config["profile"]
 try:
-    MATRIX = load_matrix(Path.cwd(), PROFILE)
+    MATRIX = load_matrix(Path.cwd(), PROFILE, seeds=config.get("seeds"))
     PROFILE_CFG = load_profile(PROFILE, Path.cwd())
 except DyheadError as exc:
     sys.exit(f"dyhead: error: {exc}")
 
 DATA = PROFILE_CFG["data"]
+# reports and figures read each row's seed runs: say how many when --config seeds=N overrides the profile
+SEEDS_FLAG = f" --seeds {config['seeds']}" if "seeds" in config else ""
 RUNS = f"runs/{PROFILE}"
 
 

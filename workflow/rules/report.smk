@@ -18,7 +18,9 @@ rule report:
     output:
         md="reports/{table}.md",
         csv="reports/{table}.csv",
+        html=report("reports/{table}.html", caption="../report/table.rst", category="{table}"),
     params:
         profile=PROFILE,
+        seeds=SEEDS_FLAG,
     shell:
-        "dyhead report {wildcards.table} --profile {params.profile} --out {output.md}"
+        "dyhead report {wildcards.table} --profile {params.profile}{params.seeds} --out {output.md}"
