@@ -314,14 +314,8 @@ def cmd_gpu_check(args) -> None:
     save_text(Path(args.out), text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dyhead",
-        description="Dynamic Head experiment pipeline. Each subcommand is one step of the Snakemake DAG: "
-                    "synth (+ pretrain or standin-weights) | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _data_commands(sub) -> None:
+    """What every profile makes first: the synthetic data and the native extension."""
     p = sub.add_parser("synth", help="make the deterministic synthetic COCO-format data set of a profile")
     _profile_arg(p)
     p.set_defaults(func=cmd_synth)
@@ -329,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("build-ext", help="compile the native deformable-conv extension (CPU; CUDA where nvcc is); "
                    "`dyhead build-ext --help` for its options", add_help=False)
 
+
+def _run_commands(sub) -> None:
+    """What runs an experiment: train, evaluate, diagnose."""
     p = sub.add_parser("train", help="train one experiment into runs/<profile>/<experiment>/ (resumes by itself)")
     p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
     _profile_arg(p)
@@ -359,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=256, help="training images to measure on (default 256)")
     p.set_defaults(func=cmd_diagnose)
 
+
+def _fetch_commands(sub) -> None:
+    """Data and weights from outside (COCO, ImageNet files), their check, and their stand-ins."""
     p = sub.add_parser("fetch-coco", help="download, verify and extract COCO 2017 (resumable; skipped once done)")
     _profile_arg(p)
     p.add_argument("--root", help="data root (default: the profile's data.root)")
@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: data/weights/<profile>/<backbone>.pth, where training looks)")
     p.set_defaults(func=cmd_pretrain)
 
+
+def _output_commands(sub) -> None:
+    """What reads finished runs: FLOPs, reports, figures, results."""
     p = sub.add_parser("flops", help="count GMACs of the coco-profile model at 800x1344 and of the profile's model")
     p.add_argument("experiment", help="an id from params/experiments.yaml (`dyhead list`)")
     _profile_arg(p)
@@ -429,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/results.csv", help="output CSV (default: reports/results.csv)")
     p.set_defaults(func=cmd_results)
 
+
+def _orchestration_commands(sub) -> None:
+    """What the orchestrators and operators call: list, dvc-yaml, gpu-check."""
     p = sub.add_parser("list", help="list the experiments a profile's tables train, and the tables each feeds")
     _profile_arg(p)
     p.add_argument("--all", action="store_true", help="also the experiments no table of this profile uses")
@@ -448,6 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect", type=int, required=True, help="the GPUs the job asked for")
     p.add_argument("--out", required=True, help="report file, written only when the count matches")
     p.set_defaults(func=cmd_gpu_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dyhead",
+        description="Dynamic Head experiment pipeline. Each subcommand is one step of the Snakemake DAG: "
+                    "synth (+ pretrain or standin-weights) | fetch-coco (+ fetch-weights) -> build-ext -> train -> evaluate -> flops -> report.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _data_commands(sub)
+    _run_commands(sub)
+    _fetch_commands(sub)
+    _output_commands(sub)
+    _orchestration_commands(sub)
     return parser
 
 
