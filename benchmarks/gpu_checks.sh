@@ -98,7 +98,7 @@ rm -f params/profiles/tinygpu.yaml
 if [ -f benchmarks/train_throughput.py ]; then
     # written by another change: pass only the options its --help offers
     help=$($PY benchmarks/train_throughput.py --help 2>&1)
-    opts=(--device cuda)
+    opts=(--device cuda --workers 4 --evaluate --eval-images 50)
     grep -q -- "--iterations" <<<"$help" && opts+=(--iterations 30)
     dtypes=(default)
     grep -q -- "--dtype" <<<"$help" && dtypes=(bfloat16 float32)

@@ -61,6 +61,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, help="data loader worker processes (default: the profile's num_workers)")
     p.add_argument("--batch", type=int, help="images per iteration (default: the profile's solver.batch_size)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if visible, else cpu")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS), help="runtime.precision to train in (bfloat16 -> bf16, "
+                   "float32 -> fp32, float16 -> fp16; default: the profile's)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the profile's runtime.threads)")
     p.add_argument("--evaluate", action="store_true", help="also time `dyhead evaluate` of each trained model")
     p.add_argument("--eval-images", type=int, default=500, help="val images to evaluate (default 500, or all if fewer)")
@@ -73,6 +75,9 @@ def parse_args(argv):
     if args.workers is not None and args.workers < 0:
         p.error("--workers must be >= 0")
     return args
+
+
+PRECISIONS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # the other benchmarks' --dtype names
 
 
 def _env(root: Path) -> dict:
@@ -118,6 +123,8 @@ def make_root(args, device: str) -> tuple[Path, dict]:
     if args.workers is not None:
         rt["num_workers"] = args.workers
     rt["device"] = device
+    if args.dtype:
+        rt["precision"] = PRECISIONS[args.dtype]
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
     return root, profile
 
