@@ -12,7 +12,8 @@ import pandas as pd
 from dyhead.config import Matrix, head_name, load_profile
 from dyhead.grids import AVERAGED, AXES
 from dyhead.report.results import METRICS, Runs
-from dyhead.report.text import backbone_start, coco_gflops, fmt, heading, lr_exceptions, markdown_table, recipe_note
+from dyhead.report.text import (backbone_start, coco_gflops, evaluated_on, fmt, heading, lr_exceptions, markdown_table,
+                                recipe_note)
 
 
 def grid_frame(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) -> pd.DataFrame:
@@ -77,8 +78,8 @@ def render_grid(name: str, matrix: Matrix, profile_name: str, results: pd.DataFr
     if AVERAGED in grid["varied"] and AVERAGED not in rows + columns:
         averaged = f" Each cell is the mean over seeds {grid['axes'][AVERAGED]}."
     lines.append(
-        f"Ours: profile **{profile_name}** ({profile['description']}); evaluated on "
-        f"`{runs.get(first, 'annotations')}` ({runs.get(first, 'images')} images). Each cell: AP in percent"
+        f"Ours: profile **{profile_name}** ({profile['description']}); {evaluated_on(runs, first)}. "
+        "Each cell: AP in percent"
         + (f", in brackets {baseline}" if baseline else "")
         + f", then GFLOPs ({coco_gflops()}; the same whichever profile trained the models).{averaged} Every cell "
         f"with every metric in reports/grid_{name}.csv."

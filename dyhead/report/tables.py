@@ -20,7 +20,7 @@ from dyhead.files import save_text
 from dyhead.plots import html_page
 from dyhead.report import grids as grid_report
 from dyhead.report.results import RESULTS_CSV, Runs, collect, write_results
-from dyhead.report.text import (PAPER, backbone_start, coco_gflops, diff, fmt, heading, lr_exceptions,
+from dyhead.report.text import (PAPER, backbone_start, coco_gflops, diff, evaluated_on, fmt, heading, lr_exceptions,
                                 markdown_table, recipe_note)
 
 GROUP_LABEL = "detector"
@@ -104,11 +104,6 @@ def _ordered(table: dict) -> list[tuple[bool, dict]]:
     return sorted(items, key=lambda item: groups.index(item[1]["label"]["setting"]))  # stable within a group
 
 
-def _evaluated_on(runs: Runs, exp: str, prefix: str = "") -> str:
-    images = runs.get(exp, f"{prefix}images" if prefix else "images")
-    return f"evaluated on `{runs.get(exp, 'annotations')}` ({images} images)"
-
-
 # -- Tables 4-5: our rows among the methods the paper quotes -----------------------------------------------
 
 def comparison_records(table: dict, runs: Runs) -> list[dict]:
@@ -137,7 +132,7 @@ def render_comparison(name: str, matrix: Matrix, profile_name: str, results: pd.
     split = table.get("paper_split", "val2017")
     lines = heading(name, table)
     lines.append(
-        f"Ours: profile **{profile_name}** ({profile['description']}); {_evaluated_on(runs, first['experiment'])}. "
+        f"Ours: profile **{profile_name}** ({profile['description']}); {evaluated_on(runs, first['experiment'])}. "
         f"Paper: {PAPER}, COCO {split}"
         + (" as scored by the COCO server; ours are not on test-dev (`dyhead evaluate --split test-dev` writes "
            "the server's upload file)" if split == "test-dev" else "")
@@ -234,7 +229,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
     lines = heading(name, table)
     lines += [trend_line(records, baselines(table["rows"], GROUP_LABEL if grouped else None), table["rows"]), ""]
     lines.append(
-        f"Ours: profile **{profile_name}** ({profile['description']}); {_evaluated_on(runs, base_exp)}. "
+        f"Ours: profile **{profile_name}** ({profile['description']}); {evaluated_on(runs, base_exp)}. "
         f"Paper: {PAPER}, COCO val2017. AP in percent; "
         + ("each detector's first row is its baseline, *gain* the change against it"
            if grouped else "the first row is the baseline, *gain* the change against it")

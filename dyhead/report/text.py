@@ -80,3 +80,12 @@ def recipe_note(exps: list[str], matrix: Matrix) -> str:
             by_recipe.setdefault(name, []).append(f"`{exp}`")
     return "".join(f" {', '.join(e)} {'train' if len(e) > 1 else 'trains'} the {name} recipe: "
                    f"{RECIPES[name].summary}." for name, e in by_recipe.items())
+
+
+def evaluated_on(runs: Runs, exp: str) -> str:
+    """Which annotation file and how many images an experiment was evaluated on (a count, never `1000.0`:
+    the results frame holds counts as floats where some run lacks one)."""
+    images = runs.get(exp, "images")
+    if isinstance(images, float) and images.is_integer():
+        images = int(images)
+    return f"evaluated on `{runs.get(exp, 'annotations')}` ({images} images)"
