@@ -358,6 +358,7 @@ def train(run: RunConfig, *, threads: int | None = None, backend: str | None = N
 def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
     t = setup(run, rt)
     solver, max_iter = run.profile["solver"], run.max_iter
+    curve_period = curve_settings(run)[0]  # read once, not per iteration
     end = min(max_iter, stop_at) if stop_at is not None else max_iter
     loader = loader_for(t, end)
     rt.log(f"[{run.experiment}] profile {run.profile_name}: {len(t.dataset)} train images, {max_iter} iterations "
@@ -379,7 +380,7 @@ def _train(run: RunConfig, rt: runtime.Runtime, stop_at: int | None) -> dict:
             last_losses = log_window(t, window, done, time.perf_counter() - t0)
             window = LossWindow()
         # before the checkpoint: a checkpoint at `done` implies its curve point is logged (resume adds none twice)
-        if t.curve_data is not None and (done % curve_settings(run)[0] == 0 or done == max_iter):
+        if t.curve_data is not None and (done % curve_period == 0 or done == max_iter):
             curve_point(t, done)
         if done % solver["checkpoint_period"] == 0 and done < max_iter:
             save_checkpoint(t, done, t.elapsed_before + time.perf_counter() - t0)
