@@ -173,3 +173,29 @@ def test_train_throughput_steady_state_from_running_means():
                {"iteration": 3, "sec_per_iter": 8 / 3, "data_sec_per_iter": 0.5}]
     got = bench.steady_state(records)
     assert got["iterations"] == 2 and math.isclose(got["seconds"], 3.0) and math.isclose(got["data_seconds"], 1.0)
+
+
+def test_curve_cost_reads_curve_seconds_against_the_rest_of_training(tmp_path, capsys):
+    bench = _load("curve_cost")
+    runs = tmp_path / "runs/mini"
+
+    def run(name, train_seconds, curve_seconds, resumed_from=0):
+        d = runs / name
+        d.mkdir(parents=True)
+        (d / "train.json").write_text(json.dumps({"train_seconds": train_seconds, "iterations": 1000,
+                                                  "resumed_from": resumed_from}))
+        lines = [{"iteration": 10, "loss": 1.0}] + [{"iteration": 250 * (i + 1), "curve_ap": 1.0, "curve_images": 100,
+                                                     "curve_seconds": s} for i, s in enumerate(curve_seconds)]
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    run("a", 110.0, [4.0, 6.0])         # 10 s of curve against 100 s of training: 10%
+    run("b", 303.0, [1.0, 1.0, 1.0])    # 3 against 300: 1%
+    run("c", 50.0, [5.0], resumed_from=500)  # its train_seconds covers only the resumed part: left out
+    out = tmp_path / "cost.json"
+    assert bench.main(["--runs", str(runs), "--json", str(out)]) == 0
+    got = {r["experiment"]: r for r in json.loads(out.read_text())}
+    assert set(got) == {"a", "b"}
+    assert math.isclose(got["a"]["cost"], 0.1) and math.isclose(got["b"]["cost"], 0.01)
+    assert got["a"]["points"] == 2 and got["b"]["images"] == 100
+    # pooled: 13 s of curve over 400 s of training
+    assert "all runs: 3.2% longer with the curve; the most: a 10.0%" in capsys.readouterr().out
