@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -199,3 +201,30 @@ def test_curve_cost_reads_curve_seconds_against_the_rest_of_training(tmp_path, c
     assert got["a"]["points"] == 2 and got["b"]["images"] == 100
     # pooled: 13 s of curve over 400 s of training
     assert "all runs: 3.2% longer with the curve; the most: a 10.0%" in capsys.readouterr().out
+
+
+def test_precision_pair_trains_in_bf16_and_compares_with_the_fp32_noise(tmp_path, capsys):
+    bench = _load("precision_pair")
+    runs = tmp_path / "runs"
+    for name, ap in (("atss-r50-base-1x", 10.0), ("atss-r50-base-1x-seed1", 12.5)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"metrics": {"AP": ap, "AP50": 20.0, "AP75": 5.0}}))
+    out, work = tmp_path / "pair.json", tmp_path / "work"
+    assert bench.main(["atss-r50-base-1x", "--profile", "tiny", "--runs", str(runs), "--workdir", str(work),
+                       "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["noise_ap"] == 2.5 and got["fp32"]["AP"] == 10.0
+    # the bf16 run is real: trained and evaluated in the scratch root, never in the checkout's runs/
+    train = json.loads((work / "runs/tiny/atss-r50-base-1x/train.json").read_text())
+    assert train["precision"] == "bf16"
+    metrics = json.loads((work / "runs/tiny/atss-r50-base-1x/metrics.json").read_text())["metrics"]
+    assert got["bf16"]["AP"] == metrics["AP"]
+    assert math.isclose(got["gap_ap"], round(got["bf16"]["AP"] - 10.0, 2))
+    assert got["within_noise"] == (abs(got["bf16"]["AP"] - 10.0) <= 2.5)
+    assert "seed noise |fp32 - seed 1|: 2.50 AP" in capsys.readouterr().out
+
+
+def test_precision_pair_without_the_fp32_runs_says_what_to_run(tmp_path):
+    bench = _load("precision_pair")
+    with pytest.raises(SystemExit, match="metrics.json is missing: run the pipeline first"):
+        bench.main(["--runs", str(tmp_path), "--workdir", str(tmp_path / "work")])
