@@ -26,7 +26,9 @@ def train_cost(spec: dict, iterations: int) -> float:
     return iterations * head * backbone / 1000
 
 
-def train_priority(spec: dict, iterations: int) -> int:
+def train_priority(spec: dict, iterations: int, one_x: int) -> int:
     """Snakemake's `priority` for a training (an integer; higher starts first). Above every evaluation and
-    FLOP count, so the long trainings start as soon as their inputs exist."""
-    return 100 + round(10 * train_cost(spec, iterations))
+    FLOP count, so the long trainings start as soon as their inputs exist. Counted in units of the profile's
+    1x (`one_x` iterations), so the order is the same whether 1x is 1000 iterations (mini), 2 (cocolike) or
+    90k (coco): a cost in raw iterations would round every cocolike training to the same priority."""
+    return 100 + round(10 * train_cost(spec, iterations) * 1000 / one_x)

@@ -91,3 +91,26 @@ def test_snakemake_fails_before_any_job_on_a_bad_key(repo_copy):
     assert proc.returncode != 0
     assert "fpn_chanels" in proc.stderr + proc.stdout
     assert "rule train" not in proc.stdout
+
+
+def test_training_priorities_order_the_longest_first_on_every_profile():
+    """Snakemake starts the trainings by dyhead.costs' priority: the deeper heads first (a 1-block head costs about the baseline's tower head), the same order (and the
+    same numbers) whether a profile's 1x is 1000 iterations, 2 or 90k."""
+    from dyhead.costs import train_priority
+
+    def priorities(profile):
+        matrix = load_matrix(profile=profile)
+        schedules = load_profile(profile)["solver"]["schedules"]
+        rows = [r["experiment"] for r in matrix.tables["table2"]["rows"] if r["experiment"] in matrix.experiments]
+        return {exp: train_priority(matrix.experiments[exp], schedules[matrix.experiments[exp]["schedule"]],
+                                    schedules["1x"]) for exp in rows}
+
+    mini = priorities("mini")
+    dyh = [p for e, p in mini.items() if "-dyh" in e and "seed" not in e]  # 1, 2, 4, 6, 8, 10 blocks
+    assert dyh == sorted(dyh) and len(set(dyh)) == len(dyh) and max(mini.values()) == dyh[-1]
+    assert mini["atss-r50-base-1x"] == 110 and mini["atss-r50-dyh10-LSC-1x"] == 136
+    for profile in ("cocolike", "coco"):
+        assert {e: p for e, p in priorities(profile).items() if e in mini} == mini, profile
+    # a longer schedule of the same model goes before it
+    spec = load_matrix(profile="mini").experiments["atss-r50-base-1x"]
+    assert train_priority(spec, 3000, 1000) > train_priority(spec, 1000, 1000) > 50  # above every evaluation

@@ -28,7 +28,8 @@ PRIORITY = {"inputs": 10000, "evaluate": 50, "flops": 10}
 
 def train_priority(wildcards):
     spec = MATRIX.experiments[wildcards.exp]
-    return train_priority_of(spec, PROFILE_CFG["solver"]["schedules"][spec["schedule"]])
+    schedules = PROFILE_CFG["solver"]["schedules"]
+    return train_priority_of(spec, schedules[spec["schedule"]], schedules.get("1x", min(schedules.values())))
 
 
 def data_ready():
