@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scratch import REPO, dyhead_env, make_scratch  # noqa: E402
 METRICS = ("AP", "AP50", "AP75")
 
 
@@ -49,29 +46,10 @@ def read_metrics(path: Path) -> dict:
     return {k: metrics[k] for k in METRICS}
 
 
-def make_root(args) -> Path:
-    root = args.workdir.resolve()
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    shutil.copytree(REPO / "params", root / "params")
-    (root / "data").symlink_to(REPO / "data")
-    path = root / "params" / "profiles" / f"{args.profile}.yaml"
-    if not path.exists():
-        raise SystemExit(f"precision_pair: unknown profile {args.profile!r}: no params/profiles/{args.profile}.yaml")
-    profile = yaml.safe_load(path.read_text())
-    profile["runtime"]["precision"] = args.precision
-    path.write_text(yaml.safe_dump(profile, sort_keys=False))
-    return root
-
-
 def dyhead(root: Path, *argv: str) -> float:
-    env = dict(os.environ, DYHEAD_ROOT=str(root), DYHEAD_TRACKING="off")
-    env.setdefault("DYHEAD_EXT_DIR", str(REPO / "build" / "ext"))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", "import sys; from dyhead.cli import main; sys.exit(main())", *argv],
-                          cwd=root, env=env)
+                          cwd=root, env=dyhead_env(root))
     if proc.returncode:
         raise SystemExit(f"precision_pair: dyhead {' '.join(argv)} failed (rc {proc.returncode})")
     return time.perf_counter() - t0
@@ -82,8 +60,9 @@ def main(argv=None) -> int:
     runs = (args.runs or REPO / "runs" / args.profile).resolve()
     fp32 = read_metrics(runs / args.experiment / "metrics.json")
     seed1 = read_metrics(runs / f"{args.experiment}-seed1" / "metrics.json")
-    root = make_root(args)
-    data = yaml.safe_load((root / "params/profiles" / f"{args.profile}.yaml").read_text())["data"]
+    root, profile = make_scratch(args.workdir, args.profile,
+                                 lambda profile: profile["runtime"].update(precision=args.precision))
+    data = profile["data"]
     if data["source"] != "coco" and not (root / data["root"] / "synth.json").exists():
         dyhead(root, "synth", "--profile", args.profile)
     train_s = dyhead(root, "train", args.experiment, "--profile", args.profile)

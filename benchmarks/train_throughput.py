@@ -21,13 +21,12 @@ them if fewer). The data and the experiments' stand-in weights are made first if
     python benchmarks/train_throughput.py                                  # cocolike, 10 iterations each
     python benchmarks/train_throughput.py --iterations 3 --workers 1 --batch 1 --evaluate --json out.json
     python benchmarks/train_throughput.py --device cuda --workers 4        # the profile's batch on one GPU
+    python benchmarks/train_throughput.py --from-runs runs/cocolike       # no training: the pipeline's own runs
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +34,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scratch import REPO, dyhead_env, make_scratch  # noqa: E402
 DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]
 PAPER_SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16
 PAPER_BATCH, PAPER_GPUS = 16, 8
@@ -69,7 +69,12 @@ def parse_args(argv):
     p.add_argument("--workdir", type=Path, default=REPO / "build" / "bench" / "train_throughput",
                    help="scratch root (params/, runs/); emptied first (default build/bench/train_throughput)")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the numbers here")
+    p.add_argument("--from-runs", type=Path, metavar="DIR",
+                   help="train nothing: summarise the finished runs under DIR (e.g. runs/cocolike after the "
+                        "pipeline), from their train.json, log.jsonl and metrics.json")
     args = p.parse_args(argv)
+    if args.from_runs and not args.from_runs.is_dir():
+        p.error(f"--from-runs {args.from_runs}: not a folder")
     if args.iterations < 1 or (args.batch is not None and args.batch < 1) or args.eval_images < 1:
         p.error("--iterations, --batch and --eval-images must be >= 1")
     if args.workers is not None and args.workers < 0:
@@ -80,17 +85,10 @@ def parse_args(argv):
 PRECISIONS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # the other benchmarks' --dtype names
 
 
-def _env(root: Path) -> dict:
-    env = dict(os.environ, DYHEAD_ROOT=str(root), DYHEAD_TRACKING="off")
-    env.setdefault("DYHEAD_EXT_DIR", str(REPO / "build" / "ext"))  # this checkout's extension, if built
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
 def _dyhead(args: list[str], root: Path) -> tuple[float, dict]:
     """`dyhead ARGS` in `root` as a child process: (wall seconds, what the child reported)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], cwd=root, env=_env(root), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], cwd=root, env=dyhead_env(root), capture_output=True,
                           text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -102,31 +100,21 @@ def _dyhead(args: list[str], root: Path) -> tuple[float, dict]:
 
 def make_root(args, device: str) -> tuple[Path, dict]:
     """The scratch root: params/ with the profile set to N iterations (and the asked-for batch, workers,
-    device), data/ and build/ linked to this checkout's. Returns it and the profile as changed."""
-    root = args.workdir.resolve()
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    shutil.copytree(REPO / "params", root / "params")
-    (REPO / "data").mkdir(exist_ok=True)
-    (root / "data").symlink_to(REPO / "data")
-    path = root / "params" / "profiles" / f"{args.profile}.yaml"
-    if not path.exists():
-        raise SystemExit(f"unknown profile {args.profile!r}: no {path.relative_to(root)}")
-    profile = yaml.safe_load(path.read_text())
-    solver, rt = profile["solver"], profile["runtime"]
-    solver["schedules"] = {name: args.iterations for name in solver["schedules"]}
-    solver["log_period"] = 1  # a log.jsonl record per iteration
-    solver["checkpoint_period"] = args.iterations + 1  # no checkpoint writes inside the timed steps
-    if args.batch:
-        solver["batch_size"] = args.batch
-    if args.workers is not None:
-        rt["num_workers"] = args.workers
-    rt["device"] = device
-    if args.dtype:
-        rt["precision"] = PRECISIONS[args.dtype]
-    path.write_text(yaml.safe_dump(profile, sort_keys=False))
-    return root, profile
+    device), data/ linked to this checkout's. Returns it and the profile as changed."""
+    def edit(profile: dict) -> None:
+        solver, rt = profile["solver"], profile["runtime"]
+        solver["schedules"] = {name: args.iterations for name in solver["schedules"]}
+        solver["log_period"] = 1  # a log.jsonl record per iteration
+        solver["checkpoint_period"] = args.iterations + 1  # no checkpoint writes inside the timed steps
+        if args.batch:
+            solver["batch_size"] = args.batch
+        if args.workers is not None:
+            rt["num_workers"] = args.workers
+        rt["device"] = device
+        if args.dtype:
+            rt["precision"] = PRECISIONS[args.dtype]
+
+    return make_scratch(args.workdir, args.profile, edit)
 
 
 def ensure_inputs(root: Path, profile_name: str, profile: dict, experiments: list[str], eval_images: int) -> int:
@@ -168,39 +156,51 @@ def steady_state(records: list[dict]) -> dict:
     return {"iterations": 1, "seconds": totals[0], "data_seconds": records[0]["data_sec_per_iter"]}
 
 
-def measure(exp: str, root: Path, args, profile: dict, device: str, eval_images: int) -> dict:
-    threads = ["--threads", str(args.threads)] if args.threads else []
-    wall, child = _dyhead(["train", exp, "--profile", args.profile, *threads], root)
-    run = root / "runs" / args.profile / exp
+def summarise(run: Path) -> dict:
+    """Throughput, data wait and peak memory of one finished training, from its own files (train.json,
+    log.jsonl with a record per iteration, and metrics.json when it was evaluated)."""
     train = json.loads((run / "train.json").read_text())
+    settings = train["config"]["profile_settings"]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "sec_per_iter" in r]
+    if not records:
+        raise SystemExit(f"{run}/log.jsonl has no per-iteration records")
     steady = steady_state(records)
-    batch = profile["solver"]["batch_size"]
+    batch = settings["solver"]["batch_size"]
     per_image = steady["seconds"] / (steady["iterations"] * batch)
-    if device == "cuda":
-        peak_mb, peak_kind = child["cuda_peak_bytes"] / 2**20, "cuda max_memory_allocated"
-    else:
-        peak_mb, peak_kind = train["peak_rss_mb"], "peak RSS of the training process"
     result = {
-        "experiment": exp, "device": device, "batch": batch, "workers": profile["runtime"]["num_workers"],
-        "threads": train["threads"], "precision": train["precision"], "dcn_backend": train["dcn_backend"],
-        "iterations": len(records), "timed_iterations": steady["iterations"],
-        "first_iteration_seconds": records[0]["sec_per_iter"], "train_wall_seconds": round(wall, 2),
+        "experiment": train["experiment"], "device": train["device"], "batch": batch,
+        "workers": settings["runtime"]["num_workers"], "threads": train["threads"], "precision": train["precision"],
+        "dcn_backend": train["dcn_backend"], "iterations": len(records), "timed_iterations": steady["iterations"],
+        "first_iteration_seconds": records[0]["sec_per_iter"],
         "seconds_per_iteration": steady["seconds"] / steady["iterations"],
         "images_per_second": 1.0 / per_image, "seconds_per_image": per_image,
         "data_wait_fraction": steady["data_seconds"] / steady["seconds"] if steady["seconds"] > 0 else 0.0,
-        "peak_memory_mb": round(peak_mb, 1), "peak_memory_per_image_mb": round(peak_mb / batch, 1),
-        "peak_memory_kind": peak_kind,
+        "peak_memory_mb": train["peak_rss_mb"], "peak_memory_per_image_mb": round(train["peak_rss_mb"] / batch, 1),
+        "peak_memory_kind": "peak RSS of the training process",
         "projected_hours_8_devices": {name: iters * PAPER_BATCH * per_image / PAPER_GPUS / 3600
                                       for name, iters in PAPER_SCHEDULES.items()},
     }
-    if args.evaluate:
-        wall, _ = _dyhead(["evaluate", exp, "--profile", args.profile, *threads], root)
+    if (run / "metrics.json").exists():
         metrics = json.loads((run / "metrics.json").read_text())
-        result["evaluate"] = {"images": metrics["images"], "wall_seconds": round(wall, 2),
-                              "eval_seconds": metrics.get("eval_seconds"),
+        result["evaluate"] = {"images": metrics["images"], "eval_seconds": metrics.get("eval_seconds"),
                               "images_per_second": metrics["images"] / metrics["eval_seconds"]
                               if metrics.get("eval_seconds") else None}
+    return result
+
+
+def measure(exp: str, root: Path, args, device: str) -> dict:
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    wall, child = _dyhead(["train", exp, "--profile", args.profile, *threads], root)
+    run = root / "runs" / args.profile / exp
+    eval_wall = _dyhead(["evaluate", exp, "--profile", args.profile, *threads], root)[0] if args.evaluate else None
+    result = {**summarise(run), "train_wall_seconds": round(wall, 2)}
+    if device == "cuda":
+        peak_mb = child["cuda_peak_bytes"] / 2**20
+        result.update(peak_memory_mb=round(peak_mb, 1), peak_memory_per_image_mb=round(peak_mb / result["batch"], 1),
+                      peak_memory_kind="cuda max_memory_allocated")
+    if eval_wall is not None:
+        result["evaluate"]["wall_seconds"] = round(eval_wall, 2)
     return result
 
 
@@ -222,23 +222,34 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    root, profile = make_root(args, device)
-    eval_images = ensure_inputs(root, args.profile, profile, args.experiments, args.eval_images)
-    results = []
-    for exp in args.experiments:
-        print(f"# training {exp}: {args.iterations} iterations at batch {profile['solver']['batch_size']} "
-              f"on {device}, {profile['runtime']['num_workers']} loader worker(s)", file=sys.stderr, flush=True)
-        results.append(measure(exp, root, args, profile, device, eval_images))
-    print(f"# profile {args.profile}, {device}, torch {torch.__version__}; first iteration excluded where there "
-          f"are more; projections: 1x = {PAPER_SCHEDULES['1x']} iterations x {PAPER_BATCH} images over "
-          f"{PAPER_GPUS} devices at the measured seconds per image")
+    if args.from_runs:
+        runs = sorted(d for d in args.from_runs.iterdir() if (d / "train.json").exists())
+        if not runs:
+            raise SystemExit(f"no finished training (train.json) under {args.from_runs}")
+        results = [summarise(run) for run in runs]
+        device, iterations = results[0]["device"], None
+        print(f"# finished runs under {args.from_runs}; first iteration excluded where there are more")
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        root, profile = make_root(args, device)
+        ensure_inputs(root, args.profile, profile, args.experiments, args.eval_images)
+        results = []
+        for exp in args.experiments:
+            print(f"# training {exp}: {args.iterations} iterations at batch {profile['solver']['batch_size']} "
+                  f"on {device}, {profile['runtime']['num_workers']} loader worker(s)", file=sys.stderr, flush=True)
+            results.append(measure(exp, root, args, device))
+        iterations = args.iterations
+        print(f"# profile {args.profile}, {device}, torch {torch.__version__}; first iteration excluded where there "
+              f"are more")
+    print(f"# projections: 1x = {PAPER_SCHEDULES['1x']} iterations x {PAPER_BATCH} images over {PAPER_GPUS} devices "
+          f"at the measured seconds per image")
     print(table(results))
     if args.json:
         from dyhead.files import save_json
 
-        save_json(args.json, {"profile": args.profile, "device": device, "iterations": args.iterations,
-                              "torch": torch.__version__, "results": results})
+        save_json(args.json, {"profile": args.profile, "device": device, "iterations": iterations,
+                              "torch": torch.__version__, "from_runs": str(args.from_runs) if args.from_runs else None,
+                              "results": results})
     return 0
 
 

@@ -228,3 +228,29 @@ def test_precision_pair_without_the_fp32_runs_says_what_to_run(tmp_path):
     bench = _load("precision_pair")
     with pytest.raises(SystemExit, match="metrics.json is missing: run the pipeline first"):
         bench.main(["--runs", str(tmp_path), "--workdir", str(tmp_path / "work")])
+
+
+def test_train_throughput_summarises_finished_runs_without_training(tmp_path, capsys):
+    bench = _load("train_throughput")
+    run = tmp_path / "runs/cocolike/atss-r50-base-1x"
+    run.mkdir(parents=True)
+    settings = {"solver": {"batch_size": 2}, "runtime": {"num_workers": 1}}
+    (run / "train.json").write_text(json.dumps({
+        "experiment": "atss-r50-base-1x", "device": "cpu", "threads": 2, "precision": "fp32", "dcn_backend": "native",
+        "peak_rss_mb": 4000.0, "config": {"profile_settings": settings}}))
+    # iterations of 30, 10, 20 s (running means 30, 20, 20), 1 s of data wait in each timed one
+    records = [{"iteration": 1, "sec_per_iter": 30.0, "data_sec_per_iter": 5.0},
+               {"iteration": 2, "sec_per_iter": 20.0, "data_sec_per_iter": 1.0},
+               {"curve_ap": 1.0, "iteration": 2},
+               {"iteration": 3, "sec_per_iter": 20.0, "data_sec_per_iter": 1.0}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "metrics.json").write_text(json.dumps({"images": 10, "eval_seconds": 50.0}))
+    out = tmp_path / "t.json"
+    assert bench.main(["--from-runs", str(run.parent), "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["timed_iterations"] == 2 and math.isclose(r["seconds_per_iteration"], 15.0)
+    assert math.isclose(r["seconds_per_image"], 7.5) and math.isclose(r["data_wait_fraction"], 2 / 30)
+    assert r["peak_memory_per_image_mb"] == 2000.0 and r["evaluate"]["images_per_second"] == 0.2
+    assert "| atss-r50-base-1x | cpu | 2 | 1 | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no finished training"):
+        bench.main(["--from-runs", str(tmp_path)])

@@ -162,3 +162,11 @@ def test_cocolike_table2_end_to_end(repo_copy, monkeypatch):
         record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
         assert 0 <= record["data_sec_per_iter"] <= record["sec_per_iter"]
     assert (repo_copy / "data/weights/standin/resnet50-random-init-not-imagenet.pth").exists()
+
+
+def test_reports_say_the_stand_in_weights_are_not_imagenet():
+    from dyhead.config import load_profile
+    from dyhead.report.text import backbone_start
+
+    assert "not ImageNet's" in backbone_start(load_profile("cocolike"))
+    assert backbone_start(load_profile("coco")) == "backbones from ImageNet weights"

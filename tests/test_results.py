@@ -168,3 +168,19 @@ def test_each_table_opens_with_the_trend_against_the_paper(repo_copy, monkeypatc
                         "Spearman rank correlation of the gains +0.83.")
     html = (repo_copy / "reports/table2.html").read_text()
     assert "<table>" in html and "Trend vs the paper" in html
+
+
+def test_the_trend_line_with_equal_gains_says_so_without_a_warning():
+    """Every row at the same gain (cocolike's AP 0 after 4 iterations): no rank correlation, and no
+    ConstantInputWarning from scipy on the report's output."""
+    import warnings
+
+    from dyhead.report.tables import trend_line
+
+    rows = [{"id": i} for i in range(4)]
+    records = [{"AP gain": 0.0, "AP gain (paper)": p} for p in (0.0, -2.3, 0.5, 3.0)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        line = trend_line(records, [rows[0]] * 4, rows)
+    assert line == ("Trend vs the paper: our AP gain has the paper's sign in 0 of 3 rows; "
+                    "rank correlation needs 3 rows with distinct gains.")

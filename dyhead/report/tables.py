@@ -79,7 +79,8 @@ def trend_line(records: list[dict], baseline_of: list[dict], rows: list[dict], m
     if pairs.empty:
         return f"Trend vs the paper: no row has both our {metric} gain and the paper's."
     agree = int((np_sign(pairs["ours"]) == np_sign(pairs["paper"])).sum())
-    rho = pairs["ours"].corr(pairs["paper"], method="spearman") if len(pairs) >= 3 else float("nan")
+    distinct = len(pairs) >= 3 and pairs["ours"].nunique() > 1 and pairs["paper"].nunique() > 1  # else undefined
+    rho = pairs["ours"].corr(pairs["paper"], method="spearman") if distinct else float("nan")
     rank = (f"Spearman rank correlation of the gains {rho:+.2f}" if rho == rho
             else "rank correlation needs 3 rows with distinct gains")
     return (f"Trend vs the paper: our {metric} gain has the paper's sign in {agree} of {len(pairs)} rows; "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dyhead.config import PRETRAINED, RECIPES, Matrix
+from dyhead.modeling.pretrained import arch_of_standin
 from dyhead.report.results import Runs
 
 PAPER = "Dai et al., *Dynamic Head*, CVPR 2021"
@@ -51,6 +52,9 @@ def backbone_start(profile: dict) -> str:
         return "backbones from `dyhead pretrain` (object-crop classification on the training split)"
     if starts == {None}:
         return "backbones from random weights"
+    if starts and all(w and arch_of_standin(w) for w in starts):
+        return ("backbones from seeded random weights in ImageNet's file format (`dyhead standin-weights`), "
+                "not ImageNet's")
     if None not in starts and PRETRAINED not in starts:
         return "backbones from ImageNet weights"
     return "backbones from the weights named in the profile"
