@@ -52,7 +52,9 @@ def main(argv=None) -> int:
     total = sum(r["curve_seconds"] for r in rows) / sum(r["train_seconds"] - r["curve_seconds"] for r in rows)
     print(f"all runs: {100 * total:.1f}% longer with the curve; the most: {worst['experiment']} {100 * worst['cost']:.1f}%")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        from dyhead.files import save_json  # atomic: a killed run leaves no half-written file
+
+        save_json(args.json, rows)
     return 0
 
 

@@ -82,11 +82,12 @@ def main(argv=None) -> int:
     print(f"{args.precision} - fp32: {gap:+.2f} AP; seed noise |fp32 - seed 1|: {noise:.2f} AP -> {verdict} the noise "
           f"({args.precision} training {train_s:.0f} s, evaluation {eval_s:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"experiment": args.experiment, "profile": args.profile,
-                                         "precision": args.precision, "fp32": fp32, "fp32_seed1": seed1,
-                                         args.precision: low, "gap_ap": round(gap, 2), "noise_ap": round(noise, 2),
-                                         "within_noise": verdict == "within", "train_seconds": round(train_s, 1),
-                                         "eval_seconds": round(eval_s, 1)}, indent=1) + "\n")
+        from dyhead.files import save_json
+
+        save_json(args.json, {"experiment": args.experiment, "profile": args.profile, "precision": args.precision,
+                              "fp32": fp32, "fp32_seed1": seed1, args.precision: low, "gap_ap": round(gap, 2),
+                              "noise_ap": round(noise, 2), "within_noise": verdict == "within",
+                              "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1)})
     return 0
 
 
