@@ -19,11 +19,13 @@ from pathlib import Path
 
 def run_cost(run_dir: Path) -> dict | None:
     """Curve and training seconds of one finished run; None when it has no train.json or no curve point."""
+    from dyhead.report.figures import read_log
+
     train_json, log = run_dir / "train.json", run_dir / "log.jsonl"
     if not train_json.exists() or not log.exists():
         return None
     train = json.loads(train_json.read_text())
-    points = [r for r in map(json.loads, filter(str.strip, log.read_text().splitlines())) if "curve_seconds" in r]
+    points = [r for r in read_log(log)[1] if "curve_seconds" in r]
     if not points or train.get("resumed_from", 0):
         return None  # a resumed run's train_seconds covers only its last part
     curve = sum(p["curve_seconds"] for p in points)

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scratch import REPO, dyhead_env, make_scratch  # noqa: E402
+from scratch import REPO, ensure_data, make_scratch, run_dyhead  # noqa: E402
 METRICS = ("AP", "AP50", "AP75")
 
 
@@ -46,15 +44,6 @@ def read_metrics(path: Path) -> dict:
     return {k: metrics[k] for k in METRICS}
 
 
-def dyhead(root: Path, *argv: str) -> float:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", "import sys; from dyhead.cli import main; sys.exit(main())", *argv],
-                          cwd=root, env=dyhead_env(root))
-    if proc.returncode:
-        raise SystemExit(f"precision_pair: dyhead {' '.join(argv)} failed (rc {proc.returncode})")
-    return time.perf_counter() - t0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     runs = (args.runs or REPO / "runs" / args.profile).resolve()
@@ -62,11 +51,9 @@ def main(argv=None) -> int:
     seed1 = read_metrics(runs / f"{args.experiment}-seed1" / "metrics.json")
     root, profile = make_scratch(args.workdir, args.profile,
                                  lambda profile: profile["runtime"].update(precision=args.precision))
-    data = profile["data"]
-    if data["source"] != "coco" and not (root / data["root"] / "synth.json").exists():
-        dyhead(root, "synth", "--profile", args.profile)
-    train_s = dyhead(root, "train", args.experiment, "--profile", args.profile)
-    eval_s = dyhead(root, "evaluate", args.experiment, "--profile", args.profile)
+    ensure_data(root, args.profile, profile)
+    train_s = run_dyhead(root, ["train", args.experiment, "--profile", args.profile])[0]
+    eval_s = run_dyhead(root, ["evaluate", args.experiment, "--profile", args.profile])[0]
     run = root / "runs" / args.profile / args.experiment
     low = read_metrics(run / "metrics.json")
     precision = json.loads((run / "train.json").read_text())["precision"]

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scratch import REPO, dyhead_env, make_scratch  # noqa: E402
+from scratch import REPO, ensure_data, make_scratch, run_dyhead  # noqa: E402
 DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]
 PAPER_SCHEDULES = {"1x": 90_000, "2x": 180_000}  # iterations at batch 16
 PAPER_BATCH, PAPER_GPUS = 16, 8
@@ -87,13 +85,7 @@ PRECISIONS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}  # the o
 
 def _dyhead(args: list[str], root: Path) -> tuple[float, dict]:
     """`dyhead ARGS` in `root` as a child process: (wall seconds, what the child reported)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], cwd=root, env=dyhead_env(root), capture_output=True,
-                          text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"dyhead {' '.join(args)} failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                         f"{proc.stderr[-2000:]}")
+    wall, proc = run_dyhead(root, args, child=_CHILD, capture=True)
     report = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
     return wall, json.loads(report[-1][6:]) if report else {}
 
@@ -124,8 +116,7 @@ def ensure_inputs(root: Path, profile_name: str, profile: dict, experiments: lis
     from dyhead.modeling.pretrained import arch_of_standin
 
     data = profile["data"]
-    if data["source"] != "coco" and not (root / data["root"] / "synth.json").exists():
-        _dyhead(["synth", "--profile", profile_name], root)
+    ensure_data(root, profile_name, profile, capture=True)
     matrix = load_matrix(root, profile_name)
     for exp in experiments:
         if exp not in matrix.experiments:
@@ -161,8 +152,9 @@ def summarise(run: Path) -> dict:
     log.jsonl with a record per iteration, and metrics.json when it was evaluated)."""
     train = json.loads((run / "train.json").read_text())
     settings = train["config"]["profile_settings"]
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if "sec_per_iter" in r]
+    from dyhead.report.figures import read_log
+
+    records = read_log(run / "log.jsonl")[0]  # the per-iteration records, without the AP-curve points
     if not records:
         raise SystemExit(f"{run}/log.jsonl has no per-iteration records")
     steady = steady_state(records)
