@@ -246,6 +246,27 @@ def test_partial_gradients(ext):
     torch.testing.assert_close(g_off, full["offset"])
 
 
+@pytest.mark.parametrize("mask", [True, False], ids=["mask", "no_mask"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_every_subset_of_gradients(ext, mask, bias):
+    """The C++ autograd node maps each wanted gradient to its input whichever optional inputs are absent
+    (absent tensors have no edge, so the indices shift): every subset of inputs that require grad."""
+    tensors, grad, conv = make_case(5, mask=mask, bias=bias)
+    names = [k for k in ("input", "offset", "mask", "weight", "bias") if tensors[k] is not None]
+    for wanted in range(1, 2 ** len(names)):
+        grads = {}
+        for backend in ("native", "torchvision"):
+            t = {k: (v.detach().requires_grad_(bool(wanted >> names.index(k) & 1)) if k in names else None)
+                 for k, v in tensors.items()}
+            y = deform_conv2d(t["input"], t["offset"], t["mask"], t["weight"], t["bias"], backend=backend, **conv)
+            y.backward(grad)
+            grads[backend] = {k: t[k].grad for k in names}
+        for k in names:
+            if wanted >> names.index(k) & 1:
+                torch.testing.assert_close(grads["native"][k], grads["torchvision"][k], rtol=1e-9, atol=1e-9)
+            else:
+                assert grads["native"][k] is None
+
 def test_cpu_isa_variants_agree(ext, monkeypatch):
     """The baseline, AVX2 and AVX-512 builds of the CPU kernels give the same results."""
     tensors, grad, conv = make_case(8, n=3, c=24, cout=8, h=10, w=9, groups=2, offset_groups=3, dtype=torch.float32)

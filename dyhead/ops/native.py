@@ -10,8 +10,8 @@ It is used only when
     build is never run against newer sources), and it was built for the running torch version,
   * `torch.ops.load_library` loads it.
 Once loaded, the ops `dyhead::deform_conv2d` and `dyhead::deform_conv2d_backward` get a fake
-(meta) kernel and an autograd formula here, so `torch.compile(fullgraph=True)` traces them.
-Autocast is handled in C++ (see csrc/deform_conv.cpp): CUDA runs in the autocast dtype, CPU in fp32.
+(meta) kernel here, so `torch.compile(fullgraph=True)` traces them. Autograd and autocast are in C++
+(csrc/deform_conv_autograd.cpp, csrc/deform_conv.cpp): CUDA runs in the autocast dtype, CPU in fp32.
 
 Environment: DYHEAD_EXT_DIR (build directory), DYHEAD_DCN_CPU_ISA=default|avx2|avx512 (cap the CPU
 kernel variant; the best the CPU supports by default), DYHEAD_DCN_COLUMN_KB (column buffer budget
@@ -39,7 +39,6 @@ _lock = threading.RLock()
 _ready = False  # library loaded and Python registrations done
 _status = "not checked yet"
 _fwd_op: Any = None
-_bwd_op: Any = None
 _manifest: dict | None = None
 _has_cuda = False  # the loaded library has the CUDA kernels
 
@@ -171,46 +170,16 @@ def _fake_backward(grad_out, input, offset, mask, weight, has_bias, stride, padd
     )
 
 
-def _setup_context(ctx, inputs, output):
-    input, offset, mask, weight, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(input, offset, mask, weight)
-    ctx.has_mask = mask is not None
-    ctx.has_bias = bias is not None
-    ctx.conv_args = (list(stride), list(padding), list(dilation))
-
-
-def _backward(ctx, grad):
-    input, offset, mask, weight = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    want = [bool(need[0]), bool(need[1]), bool(need[2]) and ctx.has_mask, bool(need[3]), bool(need[4]) and ctx.has_bias]
-    if not any(want):
-        return None, None, None, None, None, None, None, None
-    stride, padding, dilation = ctx.conv_args
-    gi, go, gm, gw, gb = _bwd_op(grad, input, offset, mask, weight, ctx.has_bias, stride, padding, dilation, want)
-    return (
-        gi if want[0] else None,
-        go if want[1] else None,
-        gm if want[2] else None,
-        gw if want[3] else None,
-        gb if want[4] else None,
-        None,
-        None,
-        None,
-    )
-
-
 _python_side_done = False
 
 
 def _register_python_side() -> None:
-    global _python_side_done, _fwd_op, _bwd_op
+    global _python_side_done, _fwd_op
     if _python_side_done:
         return
     _fwd_op = torch.ops.dyhead.deform_conv2d.default
-    _bwd_op = torch.ops.dyhead.deform_conv2d_backward.default
     torch.library.register_fake("dyhead::deform_conv2d")(_fake_forward)
     torch.library.register_fake("dyhead::deform_conv2d_backward")(_fake_backward)
-    torch.library.register_autograd("dyhead::deform_conv2d", _backward, setup_context=_setup_context)
     _python_side_done = True
 
 
