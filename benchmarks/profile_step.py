@@ -102,7 +102,8 @@ def _cell(name: str) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Top kernels of a training step ({report['device_name']}, {report['dtype']}, profile "
-             f"{report['profile']}, batch {report['batch']}, dcn backend {report['backend']}, "
+             f"{report['profile']}, batch {report['batch']}, {report.get('threads', '?')} CPU thread(s), "
+             f"dcn backend {report['backend']}, "
              f"{report['steps']} profiled steps after {report['warmup']} warm-up; torch {report['torch']})", ""]
     for m in report["models"]:
         lines += [f"## {m['experiment']}: {m['ms_per_step']:.2f} ms of {m['time_kind']} per step", "",
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25, help="rows per table (default 25)")
     p.add_argument("--boxes", type=int, default=7, help="random boxes per image (default 7)")
     p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; mini's trainings run one per job)")
     p.add_argument("--json", type=Path, default=None, help="write the tables as JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the tables as markdown here")
     args = p.parse_args(argv)
@@ -141,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    if args.steps < 1 or args.warmup < 0 or args.top < 1:
-        print("error: --steps and --top must be >= 1 and --warmup >= 0", file=sys.stderr)
+    if args.steps < 1 or args.warmup < 0 or args.top < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --steps, --top and --threads must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.backend == "native" and (not native.is_built() or (device.type == "cuda" and not native.cuda_compiled())):
         print(f"error: native extension unavailable for {device.type} ({native.status()}); "
               "run `dyhead build-ext` (with --cuda on for a GPU) or pass --backend torchvision", file=sys.stderr)
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or train_step.per_gpu_batch(resolve(exps[0], args.profile).profile)
     report = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "profile": args.profile, "dtype": args.dtype, "backend": args.backend,
-              "batch": batch, "steps": args.steps, "warmup": args.warmup, "models": []}
+              "batch": batch, "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
+              "models": []}
     for exp in exps:
         report["models"].append(profile_model(exp, args, device, batch))
         print(f"  profiled {exp}", file=sys.stderr, flush=True)

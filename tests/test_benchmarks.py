@@ -254,3 +254,23 @@ def test_train_throughput_summarises_finished_runs_without_training(tmp_path, ca
     assert "| atss-r50-base-1x | cpu | 2 | 1 | 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no finished training"):
         bench.main(["--from-runs", str(tmp_path)])
+
+
+def test_step_pair_times_a_revision_against_this_checkout(tmp_path, capsys):
+    _native_built()  # HEAD's sources are this checkout's (in CI): the revision shares the extension
+    bench = _load("step_pair")
+    out, work = tmp_path / "pair.json", tmp_path / "work"
+    assert bench.main(["atss-r50-base-1x", "--ref", "HEAD", "--profile", "tiny", "--rounds", "2", "--steps", "1",
+                       "--warmup", "0", "--workdir", str(work), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    (row,) = got["rows"]
+    assert len(row["ref_all"]) == len(row["this_all"]) == 2 and min(row["ref_all"] + row["this_all"]) > 0
+    assert math.isclose(row["ref_over_this"], row["ref_sec_per_step"] / row["this_sec_per_step"])
+    assert (work / "ref" / "dyhead" / "modeling" / "dyhead.py").exists()  # the revision's own tree ran
+    assert f"| atss-r50-base-1x | {row['ref_sec_per_step'] * 1000:.1f} |" in capsys.readouterr().out
+
+
+def test_step_pair_refuses_what_is_not_a_commit(tmp_path):
+    bench = _load("step_pair")
+    with pytest.raises(SystemExit, match="--ref no-such-rev: not a commit"):
+        bench.main(["--ref", "no-such-rev", "--workdir", str(tmp_path / "w")])
