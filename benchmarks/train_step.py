@@ -16,6 +16,8 @@ the network and the loss code at that size, not of a particular image.
     python benchmarks/train_step.py --device cuda                       # coco profile, Table 3 rows
     python benchmarks/train_step.py --device cuda --dtype bfloat16
     python benchmarks/train_step.py --profile tiny --device cpu --steps 1 --warmup 0 atss-r50-base-1x
+    python benchmarks/train_step.py --profile mini --device cpu --threads 1 --backends native --compile \
+        atss-r50-dyh6-LSC-1x                                            # torch.compile of the blocks on the CPU
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dyhead.config import load_matrix, resolve  # noqa: E402
 from dyhead.files import save_json  # noqa: E402
 from dyhead.modeling.build import build_detector  # noqa: E402
+from dyhead.modeling.dyhead import DyHeadBlock  # noqa: E402
 from dyhead.ops import native, resolve_backend  # noqa: E402
 
 DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]  # followed by Table 3's other rows
@@ -81,13 +84,17 @@ def per_gpu_batch(profile: dict) -> int:
 
 
 def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int, boxes: int,
-               num_classes: int, dtype: str = "float32") -> Callable[[], dict]:
+               num_classes: int, dtype: str = "float32", compile_blocks: bool = False) -> Callable[[], dict]:
     """One experiment's detector (random weights, built as `dyhead train` builds it), SGD and a fixed
     batch; returns step(), which runs forward, losses, backward and the update and returns the losses
-    as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16."""
+    as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16.
+    `compile_blocks`: torch.compile each DyHead block, as `runtime.compile: blocks` does in training."""
     run = resolve(exp, profile)
     torch.manual_seed(0)
     model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
+    if compile_blocks:
+        for block in (m for m in model.modules() if isinstance(m, DyHeadBlock)):
+            block.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     solver = run.profile["solver"]
     # a small lr: random weights on random boxes must stay finite over the timed steps
@@ -118,16 +125,18 @@ def build_step(exp: str, profile: str, backend: str, device: torch.device, batch
 
 
 def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
-               boxes: int, num_classes: int, dtype: str = "float32") -> dict:
-    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype)
+               boxes: int, num_classes: int, dtype: str = "float32", compile_blocks: bool = False) -> dict:
+    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype, compile_blocks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, last = [], {}
+    times, last, first = [], {}, None
     for i in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
         losses = step()
         sync(device)
+        if i == 0:
+            first = time.perf_counter() - t0  # with --compile: tracing and compiling the blocks
         if i >= warmup:
             times.append(time.perf_counter() - t0)
         last = {k: float(v.detach()) for k, v in losses.items()}
@@ -135,8 +144,8 @@ def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch
         raise RuntimeError(f"{exp} [{backend}, {dtype}]: non-finite loss {last}")
     sec = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"experiment": exp, "backend": backend, "dtype": dtype, "sec_per_step": sec, "images_per_sec": batch / sec,
-            "peak_gib": peak, "steps": steps, "losses": last}
+    return {"experiment": exp, "backend": backend, "dtype": dtype, "compiled": compile_blocks, "sec_per_step": sec,
+            "images_per_sec": batch / sec, "first_step_sec": first, "peak_gib": peak, "steps": steps, "losses": last}
 
 
 def dyhead_over_baseline(results: list[dict], exps: list[str], backends: list[str]) -> list[dict]:
@@ -169,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="native,torchvision", help="comma list (default native,torchvision)")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="float32 (default, as the trainer runs), or autocast to bfloat16 / float16 (with a GradScaler)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; mini's trainings run one per job)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each DyHead block (runtime.compile: blocks); the first step, which compiles, "
+                        "is reported apart")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -176,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     backends = args.backends.split(",")
     for b in backends:
         if b not in ("native", "torchvision"):
@@ -192,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# torch {torch.__version__}, device {device} ({name}), profile {args.profile}, batch {batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.dtype}"
-          f"{' (autocast)' if args.dtype != 'float32' else ''}, random weights and boxes", flush=True)
+          f"{' (autocast)' if args.dtype != 'float32' else ''}{', DyHead blocks compiled' if args.compile else ''}, "
+          "random weights and boxes", flush=True)
     results, errors = [], []
     for exp in exps:
         for b in backends:
             try:
                 r = time_steps(exp, args.profile, resolve_backend(b), device, batch, args.steps, args.warmup,
-                               args.boxes, args.num_classes, args.dtype)
+                               args.boxes, args.num_classes, args.dtype, args.compile)
             except Exception as e:  # noqa: BLE001 - report it and go on with the other models and backends
                 errors.append({"experiment": exp, "backend": b, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
                 print(f"  {exp:40s} {b:12s} failed: {errors[-1]['error'][:200]}", flush=True)
@@ -209,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
             print(f"  {exp:40s} {b:12s} {r['sec_per_step'] * 1000:9.1f} ms/step {r['images_per_sec']:7.2f} img/s "
-                  f"peak {peak}", flush=True)
+                  f"peak {peak}; first step {r['first_step_sec']:.1f} s", flush=True)
     print("\n| experiment | native ms/step | torchvision ms/step | torchvision / native | native peak GiB | torchvision peak GiB |")
     print("|---|---|---|---|---|---|")
     for exp in exps:
@@ -229,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " | ".join(f"{r[b]:.2f}x" if r.get(b) else "–" for b in backends) + " |")
     if args.json:
         save_json(args.json, {"device": name, "torch": torch.__version__, "profile": args.profile, "batch": batch,
-                              "dtype": args.dtype, "results": results, "dyhead_over_baseline": ratios,
+                              "dtype": args.dtype, "compiled": args.compile, "results": results, "dyhead_over_baseline": ratios,
                               "errors": errors})
     return 1 if errors else 0
 

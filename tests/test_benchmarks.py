@@ -274,3 +274,15 @@ def test_step_pair_refuses_what_is_not_a_commit(tmp_path):
     bench = _load("step_pair")
     with pytest.raises(SystemExit, match="--ref no-such-rev: not a commit"):
         bench.main(["--ref", "no-such-rev", "--workdir", str(tmp_path / "w")])
+
+
+def test_train_step_compile_reports_the_compiling_step_apart(tmp_path):
+    bench = _load("train_step")
+    out = tmp_path / "steps.json"
+    assert bench.main(["--profile", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--batch", "1",
+                       "--threads", "1", "--backends", "torchvision", "--compile", "--json", str(out),
+                       "atss-r50-dyh1-LSC-1x"]) == 0
+    got = json.loads(out.read_text())
+    (r,) = got["results"]
+    assert got["compiled"] and r["compiled"]
+    assert r["first_step_sec"] > r["sec_per_step"] > 0  # the first step traced and compiled the block
