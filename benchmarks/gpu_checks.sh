@@ -8,7 +8,8 @@
 #   dcn_*         the op: `dcn.py --coco` (every shape, then the COCO P3 check: native vs a plain 3x3 conv
 #                 vs torchvision fp32, the ratios and their targets, numerics) in bfloat16 and float32
 #   train_step_*  a training step of the five detectors, baseline and 6 DyHead blocks, at the coco size
-#                 (batch 2): bfloat16 and float32, DyHead / baseline per detector
+#                 (batch 2): bfloat16 and float32, DyHead / baseline per detector; ATSS again in bfloat16
+#                 with runtime.memory_format channels_last (ratio to contiguous in the summary)
 #   profile_*     torch.profiler's top kernels of an ATSS + 6 DyHead step and of the ATSS baseline
 #   dcn_bfloat16_atomic  the P3 check again with grad_x by fp32 atomics (the alternative to the gather)
 #   train_gpu     `dyhead train` + `dyhead evaluate` end to end (tiny profile, runtime.device cuda)
@@ -80,6 +81,10 @@ run train_step_float32 100 $PY benchmarks/train_step.py --device cuda --dtype fl
 
 run profile_float32 60 $PY benchmarks/profile_step.py --device cuda --dtype float32 --steps 3 --warmup 2 \
     --json "$OUT_DIR/profile_float32.json" --md "$OUT_DIR/profile_float32.md"
+
+run train_step_bfloat16_channels_last 60 $PY benchmarks/train_step.py --device cuda --dtype bfloat16 \
+    --backends native --memory-format channels_last --steps 5 --warmup 2 \
+    --json "$OUT_DIR/train_step_bfloat16_channels_last.json" atss-r50-base-1x atss-r50-dyh6-LSC-1x
 
 run dcn_bfloat16_atomic 40 env DYHEAD_DCN_CUDA_GRAD_INPUT=atomic $PY benchmarks/dcn.py --device cuda \
     --dtype bfloat16 --coco --only check --reps 20 --budget 1 --json "$OUT_DIR/dcn_bfloat16_atomic.json"

@@ -60,6 +60,14 @@ def train_step_lines(out: Path) -> list[str]:
             cells = [f"{b} {steps[(r['experiment'], b)]:.1f} / {steps[(r['baseline'], b)]:.1f} ms = {r[b]:.2f}x"
                      for b in ("native", "torchvision") if b in r]
             lines.append(f"- train_step {dtype}: {r['experiment']} over {r['baseline']}: {'; '.join(cells)}")
+    plain, nhwc = _load(out / "train_step_bfloat16.json"), _load(out / "train_step_bfloat16_channels_last.json")
+    if plain and nhwc:  # two invocations of one script minutes apart on the same GPU
+        before = {(r["experiment"], r["backend"]): r["sec_per_step"] for r in plain["results"]}
+        for r in nhwc["results"]:
+            ref = before.get((r["experiment"], r["backend"]))
+            if ref:
+                lines.append(f"- train_step bfloat16 channels_last: {r['experiment']} [{r['backend']}] "
+                             f"{r['sec_per_step'] * 1e3:.1f} ms vs {ref * 1e3:.1f} contiguous = {ref / r['sec_per_step']:.2f}x")
     return lines
 
 

@@ -10,8 +10,12 @@ alternate (revision, this checkout, revision, ...) for `--rounds` rounds, so tha
 machine's speed falls on both sides alike; the table gives the median over rounds and the ratio
 revision / this checkout (above 1: this checkout is faster).
 
+`--set KEY=VALUE` changes a profile setting for this checkout's side only, so `--ref HEAD --set ...`
+times a setting against the same code without it.
+
     python benchmarks/step_pair.py --ref d1d7abc                      # mini: ATSS baseline and 6 blocks
     python benchmarks/step_pair.py --ref HEAD~3 --rounds 5 atss-r50-dyh2-LSC-1x --json pair.json
+    python benchmarks/step_pair.py --ref HEAD --set runtime.memory_format=channels_last
 """
 from __future__ import annotations
 
@@ -45,6 +49,12 @@ exp, profile, steps, warmup, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]
 torch.set_num_threads(threads)
 run = resolve(exp, profile)
 prof = run.profile
+for key, value in json.loads(sys.argv[6]).items():  # --set, this checkout's side only
+    *parents, leaf = key.split(".")
+    node = prof
+    for k in parents:
+        node = node[k]
+    node[leaf] = value
 classes = prof["data"].get("synthetic", {}).get("num_classes", 80)
 torch.manual_seed(0)
 model = build_detector(run, classes, resolve_backend(prof["runtime"]["dcn_backend"]), load_weights=False).train()
@@ -70,7 +80,9 @@ for i in range(warmup + steps):
     opt.step()
     if i >= warmup:
         times.append(time.perf_counter() - t0)
-print(json.dumps({"sec_per_step": statistics.median(times), "loss": float(sum(losses.values()))}))
+conv = next(p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1)
+layout = "channels_last" if not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last) else "contiguous"
+print(json.dumps({"sec_per_step": statistics.median(times), "loss": float(sum(losses.values())), "layout": layout}))
 """
 
 
@@ -115,8 +127,21 @@ def build_ext(root: Path, ext_dir: Path, label: str) -> None:
         raise SystemExit(f"build-ext of {label} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
 
 
-def time_side(root: Path, ext_dir: Path, exp: str, args) -> dict:
-    argv = [exp, args.profile, str(args.steps), str(args.warmup), str(args.threads)]
+def parse_settings(items: list[str]) -> dict:
+    """`--set section.key=value` pairs; values read as YAML (numbers, booleans, lists), strings as they are."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or "." not in key:
+            raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE, e.g. runtime.memory_format=channels_last")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def time_side(root: Path, ext_dir: Path, exp: str, args, settings: dict | None = None) -> dict:
+    argv = [exp, args.profile, str(args.steps), str(args.warmup), str(args.threads), json.dumps(settings or {})]
     proc = subprocess.run([sys.executable, "-c", CHILD, *argv], cwd=root, env=side_env(root, ext_dir),
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -133,12 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per child (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child (default 1, as mini's trainings)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a profile setting for this checkout's side only (repeatable), e.g. runtime.memory_format=channels_last")
     p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     for name in ("rounds", "steps", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    settings = parse_settings(args.set)
     commit = resolve_commit(args.ref)
     if not (REPO / "build" / "ext" / "manifest.json").exists():
         raise SystemExit("this checkout's extension is not built: run `dyhead build-ext` first")
@@ -155,20 +183,23 @@ def main(argv: list[str] | None = None) -> int:
         sides = {"ref": (ref_root, ref_ext), "this": (REPO, REPO / "build" / "ext")}
         build_ext(*sides["ref"], f"{args.ref} ({commit[:10]})")
         print(f"# {args.profile}: {args.rounds} rounds x {args.steps} steps (after {args.warmup}), {args.threads} "
-              f"thread(s); ref {args.ref} = {commit[:10]}", flush=True)
+              f"thread(s); ref {args.ref} = {commit[:10]}"
+              + (f"; this checkout with {', '.join(args.set)}" if args.set else ""), flush=True)
         rows = []
         for exp in exps:
-            got = {"ref": [], "this": []}
+            got, layout = {"ref": [], "this": []}, {}
             for r in range(args.rounds):
                 for side in ("ref", "this"):
                     t0 = time.perf_counter()
-                    res = time_side(*sides[side], exp, args)
+                    res = time_side(*sides[side], exp, args, settings if side == "this" else None)
                     got[side].append(res["sec_per_step"])
+                    layout[side] = res["layout"]
                     print(f"  {exp:32s} round {r + 1} {side:4s} {res['sec_per_step'] * 1000:8.1f} ms/step "
                           f"(child {time.perf_counter() - t0:.0f} s)", flush=True)
             ref_s, this_s = statistics.median(got["ref"]), statistics.median(got["this"])
             rows.append({"experiment": exp, "ref_sec_per_step": ref_s, "this_sec_per_step": this_s,
-                         "ref_over_this": ref_s / this_s, "ref_all": got["ref"], "this_all": got["this"]})
+                         "ref_over_this": ref_s / this_s, "ref_all": got["ref"], "this_all": got["this"],
+                         "ref_layout": layout["ref"], "this_layout": layout["this"]})
 
     print(f"\n| experiment | {args.ref} ms/step | this checkout ms/step | {args.ref} / this |")
     print("|---|---|---|---|")
@@ -179,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         from dyhead.files import save_json
 
         save_json(args.json, {"ref": args.ref, "ref_commit": commit, "profile": args.profile, "rounds": args.rounds,
-                              "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "rows": rows})
+                              "steps": args.steps, "warmup": args.warmup, "threads": args.threads, "settings": settings,
+                              "rows": rows})
     return 0
 
 

@@ -84,12 +84,16 @@ def per_gpu_batch(profile: dict) -> int:
 
 
 def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int, boxes: int,
-               num_classes: int, dtype: str = "float32", compile_blocks: bool = False) -> Callable[[], dict]:
+               num_classes: int, dtype: str = "float32", compile_blocks: bool = False,
+               memory_format: str | None = None) -> Callable[[], dict]:
     """One experiment's detector (random weights, built as `dyhead train` builds it), SGD and a fixed
     batch; returns step(), which runs forward, losses, backward and the update and returns the losses
     as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16.
-    `compile_blocks`: torch.compile each DyHead block, as `runtime.compile: blocks` does in training."""
+    `compile_blocks`: torch.compile each DyHead block, as `runtime.compile: blocks` does in training;
+    `memory_format` overrides the profile's `runtime.memory_format`."""
     run = resolve(exp, profile)
+    if memory_format is not None:
+        run.profile["runtime"]["memory_format"] = memory_format
     torch.manual_seed(0)
     model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
     if compile_blocks:
@@ -125,8 +129,9 @@ def build_step(exp: str, profile: str, backend: str, device: torch.device, batch
 
 
 def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
-               boxes: int, num_classes: int, dtype: str = "float32", compile_blocks: bool = False) -> dict:
-    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype, compile_blocks)
+               boxes: int, num_classes: int, dtype: str = "float32", compile_blocks: bool = False,
+               memory_format: str | None = None) -> dict:
+    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype, compile_blocks, memory_format)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, last, first = [], {}, None
@@ -144,7 +149,8 @@ def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch
         raise RuntimeError(f"{exp} [{backend}, {dtype}]: non-finite loss {last}")
     sec = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"experiment": exp, "backend": backend, "dtype": dtype, "compiled": compile_blocks, "sec_per_step": sec,
+    return {"experiment": exp, "backend": backend, "dtype": dtype, "compiled": compile_blocks,
+            "memory_format": memory_format, "sec_per_step": sec,
             "images_per_sec": batch / sec, "first_step_sec": first, "peak_gib": peak, "steps": steps, "losses": last}
 
 
@@ -183,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each DyHead block (runtime.compile: blocks); the first step, which compiles, "
                         "is reported apart")
+    p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
+                   help="layout of weights and feature maps (default: the profile's runtime.memory_format)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
 
@@ -211,14 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# torch {torch.__version__}, device {device} ({name}), profile {args.profile}, batch {batch}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.dtype}"
-          f"{' (autocast)' if args.dtype != 'float32' else ''}{', DyHead blocks compiled' if args.compile else ''}, "
+          f"{' (autocast)' if args.dtype != 'float32' else ''}{', DyHead blocks compiled' if args.compile else ''}"
+          f"{', ' + args.memory_format if args.memory_format else ''}, "
           "random weights and boxes", flush=True)
     results, errors = [], []
     for exp in exps:
         for b in backends:
             try:
                 r = time_steps(exp, args.profile, resolve_backend(b), device, batch, args.steps, args.warmup,
-                               args.boxes, args.num_classes, args.dtype, args.compile)
+                               args.boxes, args.num_classes, args.dtype, args.compile, args.memory_format)
             except Exception as e:  # noqa: BLE001 - report it and go on with the other models and backends
                 errors.append({"experiment": exp, "backend": b, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
                 print(f"  {exp:40s} {b:12s} failed: {errors[-1]['error'][:200]}", flush=True)
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " | ".join(f"{r[b]:.2f}x" if r.get(b) else "–" for b in backends) + " |")
     if args.json:
         save_json(args.json, {"device": name, "torch": torch.__version__, "profile": args.profile, "batch": batch,
-                              "dtype": args.dtype, "compiled": args.compile, "results": results, "dyhead_over_baseline": ratios,
+                              "dtype": args.dtype, "compiled": args.compile, "memory_format": args.memory_format, "results": results, "dyhead_over_baseline": ratios,
                               "errors": errors})
     return 1 if errors else 0
 

@@ -426,6 +426,8 @@ class RunConfig:
             keep["pretrain"] = self.profile["pretrain"]
         if self.profile["runtime"].get("precision", "fp32") != "fp32":  # fp32 runs keep their earlier digests
             keep["precision"] = self.profile["runtime"]["precision"]
+        if self.profile["runtime"].get("memory_format", "contiguous") != "contiguous":
+            keep["memory_format"] = self.profile["runtime"]["memory_format"]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

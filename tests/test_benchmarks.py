@@ -270,6 +270,38 @@ def test_step_pair_times_a_revision_against_this_checkout(tmp_path, capsys):
     assert f"| atss-r50-base-1x | {row['ref_sec_per_step'] * 1000:.1f} |" in capsys.readouterr().out
 
 
+def test_train_step_channels_last_and_its_summary_line(tmp_path, capsys):
+    """train_step --memory-format, as gpu_checks.sh runs it (here on the CPU), and gpu_summary's ratio line."""
+    bench = _load("train_step")
+    common = ["--profile", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch", "1", "--threads", "1",
+              "--backends", "torchvision", "--dtype", "bfloat16", "atss-r50-base-1x"]
+    for suffix, fmt in (("", []), ("_channels_last", ["--memory-format", "channels_last"])):
+        assert bench.main([*common, *fmt, "--json", str(tmp_path / f"train_step_bfloat16{suffix}.json")]) == 0
+    nhwc = json.loads((tmp_path / "train_step_bfloat16_channels_last.json").read_text())
+    assert nhwc["memory_format"] == nhwc["results"][0]["memory_format"] == "channels_last"
+    plain = json.loads((tmp_path / "train_step_bfloat16.json").read_text())
+    capsys.readouterr()
+    assert _load("gpu_summary").main([str(tmp_path)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if "channels_last" in ln]
+    ratio = plain["results"][0]["sec_per_step"] / nhwc["results"][0]["sec_per_step"]
+    assert line.startswith("- train_step bfloat16 channels_last: atss-r50-base-1x") and f"= {ratio:.2f}x" in line
+
+
+def test_step_pair_set_changes_this_checkouts_side_only(tmp_path):
+    _native_built()
+    bench = _load("step_pair")
+    out = tmp_path / "pair.json"
+    assert bench.main(["atss-r50-base-1x", "--ref", "HEAD", "--profile", "tiny", "--rounds", "1", "--steps", "1",
+                       "--warmup", "0", "--set", "runtime.memory_format=channels_last", "--workdir",
+                       str(tmp_path / "work"), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["settings"] == {"runtime.memory_format": "channels_last"}
+    (row,) = got["rows"]
+    assert (row["ref_layout"], row["this_layout"]) == ("contiguous", "channels_last")
+    with pytest.raises(SystemExit, match="--set memory_format: expected SECTION.KEY=VALUE"):
+        bench.main(["--ref", "HEAD", "--set", "memory_format", "--workdir", str(tmp_path / "w2")])
+
+
 def test_step_pair_refuses_what_is_not_a_commit(tmp_path):
     bench = _load("step_pair")
     with pytest.raises(SystemExit, match="--ref no-such-rev: not a commit"):

@@ -90,3 +90,22 @@ def test_the_6x_schedule_leaves_every_earlier_runs_digest_alone(repo_copy):
     (repo_copy / "params/profiles/without6x.yaml").write_text(yaml.safe_dump(prof))
     for exp in ("atss-r50-base-1x", "atss-r50-dyh6-LSC-3x"):
         assert resolve(exp, "mini").digest == resolve(exp, "without6x").digest
+
+
+def test_convergence_figure_names_the_schedule_and_tells_a_second_dyhead_row_apart(repo_copy, monkeypatch):
+    from dyhead.report import figures
+
+    monkeypatch.setenv("DYHEAD_TRACKING", "off")
+    monkeypatch.chdir(repo_copy)
+    matrix = load_matrix(profile="mini")
+    for i, exp in enumerate(matrix.table_experiments("convergence") + matrix.table_experiments("table3")):
+        _fake_log(write_fake_run(repo_copy, "mini", exp, 30.0 + i, spec=matrix.experiments[exp]), 10, 5, 10.0 + i)
+    drawn = []
+    monkeypatch.setattr(figures.plots, "save", lambda fig, path: drawn.append(fig) or path)
+    figures.convergence("convergence", "mini", out=repo_copy / "c.png", runs_root=repo_copy / "runs")
+    top, bottom = drawn[0].axes[:2]
+    assert top.get_title().endswith("mini, trained 6x") and bottom.get_title().endswith("mini, trained 3x")
+    style = {line.get_label(): line.get_linestyle() for line in bottom.get_lines()}
+    # baseline dashed, DyHead solid, the official placement of the same detector (same colour) dotted
+    assert (style["Faster R-CNN (baseline)"], style["Faster R-CNN DyHead"], style["Faster R-CNN ✓ official"]) == \
+        ("--", "-", ":")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from dyhead.config import PLACED, RECIPES, RunConfig
@@ -153,4 +154,9 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         roi_batch_size_per_image=model_cfg.get("roi_batch_size_per_image", 512),
         spec=run.spec,
     )
-    return DETECTORS[name](parts)
+    model = DETECTORS[name](parts)
+    if run.profile["runtime"].get("memory_format", "contiguous") == "channels_last":
+        # NHWC weights make every conv after them produce NHWC, which oneDNN runs without reordering its
+        # inputs and outputs on each call; state dicts load either way (copy_ keeps the parameter's layout)
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -165,10 +165,10 @@ def convergence(name: str, profile: str, out: Path | None = None, runs_root: Pat
     detector pairs in the bottom one: does DyHead's gain hold, grow or close as training goes on?"""
     matrix = load_matrix(profile=profile, seeds=seeds)
     panels = [(t, _table_rows(t, matrix)) for t in (name, PAIRS_TABLE)]
-    fig, axes = plots.figure(2, 1, size=(8.0, 7.0))
+    fig, axes = plots.figure(2, 1, size=(10.0, 7.0))
     colors = plots.plt.get_cmap("tab10")
     for ax, (table, rows) in zip(axes[:, 0], panels):
-        labels, drawn, detectors = matrix.tables[table]["labels"], 0, []
+        labels, drawn, detectors, heads, schedules = matrix.tables[table]["labels"], 0, [], {}, []
         for row in rows:
             exp = row["experiment"]
             path = runs_root / profile / exp / "log.jsonl"
@@ -177,18 +177,24 @@ def convergence(name: str, profile: str, out: Path | None = None, runs_root: Pat
                 continue
             spec = matrix.experiments[exp]
             detectors += [spec["detector"]] if spec["detector"] not in detectors else []
+            schedules += [spec["schedule"]] if spec["schedule"] not in schedules else []
             baseline = spec["head"]["blocks"] == 0
+            # a detector's baseline dashed, its first DyHead row solid, a second one (a placement) dotted
+            nth = heads[spec["detector"]] = heads.get(spec["detector"], -1) + (0 if baseline else 1)
             ax.plot([r["iteration"] for r in curve], [r["curve_ap"] for r in curve], marker="o", ms=2.5,
-                    ls="--" if baseline else "-", color=colors(detectors.index(spec["detector"]) % 10),
+                    ls="--" if baseline else ("-" if nth == 0 else ":"),
+                    color=colors(detectors.index(spec["detector"]) % 10),
                     label=row_name(row, labels) + (" (baseline)" if baseline else ""))
             drawn += 1
         if not drawn:
             raise DyheadError(f"{table}: no row has AP curve points in its log.jsonl under {runs_root / profile}; "
                               "train them with the profile's `curve` on")
-        ax.set_title(f"{table}: {matrix.tables[table]['title']}", fontsize=9)
+        # the table's title names the paper's schedule; the runs drawn may train a longer one on this profile
+        ax.set_title(f"{table}: {matrix.tables[table]['title']}\n{profile}, trained {' and '.join(schedules)}",
+                     fontsize=9)
         ax.set_xlabel("iteration")
         ax.set_ylabel("AP on the curve's val subset (%)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path = plots.save(fig, out or FIGURES / "convergence.png")
     for table, _ in panels:
         _log_to_runs(table, matrix, profile, path)
