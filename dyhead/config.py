@@ -413,6 +413,11 @@ class RunConfig:
         return weights_file(self.profile_name, self.profile, self.spec["backbone"])
 
     @property
+    def memory_format(self) -> str:
+        """`runtime.memory_format`: contiguous (the default) or channels_last."""
+        return self.profile["runtime"].get("memory_format", "contiguous")
+
+    @property
     def digest(self) -> str:
         """What a checkpoint must agree with to be resumed: every setting that changes the weights
         (logging and checkpoint periods excluded)."""
@@ -426,8 +431,8 @@ class RunConfig:
             keep["pretrain"] = self.profile["pretrain"]
         if self.profile["runtime"].get("precision", "fp32") != "fp32":  # fp32 runs keep their earlier digests
             keep["precision"] = self.profile["runtime"]["precision"]
-        if self.profile["runtime"].get("memory_format", "contiguous") != "contiguous":
-            keep["memory_format"] = self.profile["runtime"]["memory_format"]
+        if self.memory_format != "contiguous":  # contiguous runs keep their earlier digests
+            keep["memory_format"] = self.memory_format
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

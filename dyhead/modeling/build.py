@@ -155,7 +155,7 @@ def build_detector(run: RunConfig, num_classes: int, dcn_backend: str, load_weig
         spec=run.spec,
     )
     model = DETECTORS[name](parts)
-    if run.profile["runtime"].get("memory_format", "contiguous") == "channels_last":
+    if run.memory_format == "channels_last":
         # NHWC weights make every conv after them produce NHWC, which oneDNN runs without reordering its
         # inputs and outputs on each call; state dicts load either way (copy_ keeps the parameter's layout)
         model = model.to(memory_format=torch.channels_last)
