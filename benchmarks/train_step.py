@@ -83,15 +83,29 @@ def per_gpu_batch(profile: dict) -> int:
     return max(1, profile["solver"]["batch_size"] // (8 if profile["runtime"]["device"] == "cuda" else 1))
 
 
+def apply_settings(run, settings: dict) -> None:
+    """Dotted profile keys set in place on `run.profile` ({"runtime.memory_format": "channels_last"}); a new leaf
+    is allowed (settings with defaults may be absent), a missing section is a one-line exit."""
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = run.profile
+        for k in parents:
+            if not isinstance(node, dict) or k not in node:
+                raise SystemExit(f"--set {key}: profile {run.profile_name} has no {k!r} there")
+            node = node[k]
+        node[leaf] = value
+
+
 def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int, boxes: int,
                num_classes: int, dtype: str = "float32", compile_blocks: bool = False,
-               memory_format: str | None = None) -> Callable[[], dict]:
+               memory_format: str | None = None, settings: dict | None = None) -> Callable[[], dict]:
     """One experiment's detector (random weights, built as `dyhead train` builds it), SGD and a fixed
     batch; returns step(), which runs forward, losses, backward and the update and returns the losses
     as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16.
     `compile_blocks`: torch.compile each DyHead block, as `runtime.compile: blocks` does in training;
-    `memory_format` overrides the profile's `runtime.memory_format`."""
+    `memory_format` overrides the profile's `runtime.memory_format`; `settings` any dotted profile keys."""
     run = resolve(exp, profile)
+    apply_settings(run, settings or {})
     if memory_format is not None:
         run.profile["runtime"]["memory_format"] = memory_format
     torch.manual_seed(0)
@@ -125,6 +139,7 @@ def build_step(exp: str, profile: str, backend: str, device: torch.device, batch
             opt.step()
         return losses
 
+    step.model = model  # for callers that look at what they time (setting_pair reports its layout)
     return step
 
 

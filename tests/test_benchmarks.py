@@ -318,3 +318,19 @@ def test_train_step_compile_reports_the_compiling_step_apart(tmp_path):
     (r,) = got["results"]
     assert got["compiled"] and r["compiled"]
     assert r["first_step_sec"] > r["sec_per_step"] > 0  # the first step traced and compiled the block
+
+
+def test_setting_pair_times_a_setting_against_the_profile_in_one_process(tmp_path, capsys):
+    bench = _load("setting_pair")
+    out = tmp_path / "pair.json"
+    assert bench.main(["atss-r50-base-1x", "--profile", "tiny", "--steps", "2", "--warmup", "0", "--set",
+                       "runtime.memory_format=channels_last", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["settings"] == {"runtime.memory_format": "channels_last"}
+    (row,) = got["rows"]
+    assert (row["as_is_layout"], row["with_layout"]) == ("contiguous", "channels_last")
+    assert math.isclose(row["as_is_over_with"], row["as_is_sec_per_step"] / row["with_sec_per_step"])
+    assert 0 <= row["faster_steps"] <= row["steps"] == 2
+    assert f"| atss-r50-base-1x | {row['as_is_sec_per_step'] * 1000:.1f} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--set nosuch.key: profile tiny has no 'nosuch' there"):
+        bench.main(["atss-r50-base-1x", "--profile", "tiny", "--steps", "1", "--set", "nosuch.key=1"])
