@@ -315,52 +315,6 @@ def test_small_column_budget_pixel_blocks(ext, budget_kb):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr
 
 
-def test_one_chunk_for_a_small_batch_changes_no_bit(ext, tmp_path):
-    """mini's pyramid levels up to 8x8 (batch 8, 32 channels) go through the op in one chunk by default; forced
-    into chunks of whole images (a column budget of a few images, below one image's columns being blocked by
-    pixels), float32 results and every gradient are the same bit for bit, for the stride-1 and stride-2
-    branches, with and without bias."""
-    code = """
-        import json, sys, torch
-        from dyhead.ops import native
-        assert native.is_built(), native.status()
-        torch.set_num_threads(1)
-        out = {}
-        for (size, stride, bias) in json.loads(sys.argv[2]):
-            g = torch.Generator().manual_seed(size * 10 + stride)
-            ho = (size - 1) // stride + 1
-            x = torch.randn(8, 32, size, size, generator=g, requires_grad=True)
-            off = (torch.randn(8, 18, ho, ho, generator=g) * 1.5).requires_grad_()
-            m = torch.rand(8, 9, ho, ho, generator=g, requires_grad=True)
-            wt = (torch.randn(32, 32, 3, 3, generator=g) * 0.05).requires_grad_()
-            b = torch.randn(32, generator=g, requires_grad=True) if bias else None
-            gy = torch.randn(8, 32, ho, ho, generator=g)
-            y = native.deform_conv2d(x, off, m, wt, b, stride, 1, 1)
-            leaves = [t for t in (x, off, m, wt, b) if t is not None]
-            out[f"{size}/{stride}"] = [y.detach(), *torch.autograd.grad(y, leaves, gy)]
-        torch.save(out, sys.argv[1])
-        """
-
-    def run_cases(cases: list, budget_kb: int | None) -> dict:
-        path = tmp_path / f"budget_{budget_kb}.pt"
-        env = {**os.environ, **({"DYHEAD_DCN_COLUMN_KB": str(budget_kb)} if budget_kb else {})}
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(path), json.dumps(cases)],
-                              capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return torch.load(path, weights_only=True)
-
-    # (input size, stride, bias) by the budget that splits their batch into whole images: one image's columns are
-    # 18 KB or less for outputs up to 4x4 (chunks of 1 to 17 images under 20 KB), 72 KB for 8x8 ones
-    by_budget = {20: [(4, 1, True), (2, 1, False), (1, 1, True), (8, 2, True), (2, 2, True)],
-                 80: [(8, 1, True), (16, 2, False)]}
-    for budget_kb, cases in by_budget.items():
-        one, chunked = run_cases(cases, None), run_cases(cases, budget_kb)
-        assert one.keys() == chunked.keys() and len(one) == len(cases)
-        for key, tensors in one.items():
-            for name, a, b in zip(("y", "x", "offset", "mask", "weight", "bias"), tensors, chunked[key]):
-                assert torch.equal(a, b), f"{key} {name}: max diff {(a - b).abs().max().item()}"
-
-
 def test_threads_deterministic(ext):
     """Same result run to run (no atomics on CPU); thread counts differ only by summation order."""
     tensors, grad, conv = make_case(9, n=1, c=32, cout=8, h=12, w=12, dtype=torch.float32)

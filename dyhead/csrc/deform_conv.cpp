@@ -189,11 +189,6 @@ Chunking chunking(const DcnShape& s, int64_t elem_size, bool cuda) {
   }
   const int64_t padded = s.channels * s.padded_plane() * elem_size;
   const int64_t budget = column_budget_bytes(cuda);
-  // One weight group whose columns for the whole batch fit the budget: one chunk. With one group every GEMM
-  // and kernel works image by image (the weight gradient adds the images in order), so the chunking changes
-  // no bit, only the number of passes (a 1x1 pyramid level at batch 8 took four). Grouped GEMMs contract over
-  // the chunk's images and keep their chunks.
-  if (s.groups == 1 && s.n * cols <= budget) return {s.n, s.out_plane()};
   const int64_t by_tv = tv_parallel * cols / (cols + 2 * padded);
   const int64_t by_budget = budget / std::max<int64_t>(1, cols);
   int64_t nb = std::max<int64_t>(1, std::min({s.n, by_tv, by_budget}));
