@@ -334,3 +334,16 @@ def test_setting_pair_times_a_setting_against_the_profile_in_one_process(tmp_pat
     assert f"| atss-r50-base-1x | {row['as_is_sec_per_step'] * 1000:.1f} |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--set nosuch.key: profile tiny has no 'nosuch' there"):
         bench.main(["atss-r50-base-1x", "--profile", "tiny", "--steps", "1", "--set", "nosuch.key=1"])
+
+
+def test_head_parts_times_each_attention_switched_off(tmp_path, capsys):
+    bench = _load("head_parts")
+    out = tmp_path / "parts.json"
+    assert bench.main(["--blocks", "1", "--channels", "8", "--gn-groups", "4", "--sizes", "4,2", "--batch", "2",
+                       "--steps", "1", "--warmup", "0", "--dcn-backend", "torchvision", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert set(got["ms"]) == {"full", "no_spatial", "no_scale", "no_task", "none"} == set(bench.VARIANTS)
+    assert all(v > 0 for v in got["ms"].values()) and got["sizes"] == [4, 2]
+    assert f"| none | {got['ms']['none']:.1f} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--sizes", "16,x"])
