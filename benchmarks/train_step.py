@@ -98,16 +98,14 @@ def apply_settings(run, settings: dict) -> None:
 
 def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int, boxes: int,
                num_classes: int, dtype: str = "float32", compile_blocks: bool = False,
-               memory_format: str | None = None, settings: dict | None = None) -> Callable[[], dict]:
+               settings: dict | None = None) -> Callable[[], dict]:
     """One experiment's detector (random weights, built as `dyhead train` builds it), SGD and a fixed
     batch; returns step(), which runs forward, losses, backward and the update and returns the losses
     as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16.
     `compile_blocks`: torch.compile each DyHead block, as `runtime.compile: blocks` does in training;
-    `memory_format` overrides the profile's `runtime.memory_format`; `settings` any dotted profile keys."""
+    `settings`: dotted profile keys to override (apply_settings), e.g. {"runtime.memory_format": "channels_last"}."""
     run = resolve(exp, profile)
     apply_settings(run, settings or {})
-    if memory_format is not None:
-        run.profile["runtime"]["memory_format"] = memory_format
     torch.manual_seed(0)
     model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
     if compile_blocks:
@@ -146,7 +144,8 @@ def build_step(exp: str, profile: str, backend: str, device: torch.device, batch
 def time_steps(exp: str, profile: str, backend: str, device: torch.device, batch: int, steps: int, warmup: int,
                boxes: int, num_classes: int, dtype: str = "float32", compile_blocks: bool = False,
                memory_format: str | None = None) -> dict:
-    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype, compile_blocks, memory_format)
+    settings = {"runtime.memory_format": memory_format} if memory_format is not None else None
+    step = build_step(exp, profile, backend, device, batch, boxes, num_classes, dtype, compile_blocks, settings)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, last, first = [], {}, None
