@@ -5,10 +5,13 @@ step_pair.py compares revisions, so each side needs its own process; on a shared
 started seconds apart can run 20% apart in speed, more than a setting may change. Here both models live in one
 process and alternate step by step, so a drift of the machine falls on both alike. Per experiment: the median
 step of the profile as it is and with every `--set` applied, and their ratio (above 1: the setting is faster).
-Both models are built as `dyhead train` builds them (random weights, the same seed) and train on the same
-random batch of the profile's size; the layout each one ran in is reported.
+Both models are built as `dyhead train` builds them (random weights, the same seed) and train on random
+batches of the profile's size, each side with its own settings: `solver.batch_size` changes the batch (compare the
+ms per image then), `runtime.precision` the autocast dtype. The layout, batch and dtype each side ran in are reported.
 
     python benchmarks/setting_pair.py --set runtime.memory_format=channels_last
+    python benchmarks/setting_pair.py --set runtime.precision=bf16
+    python benchmarks/setting_pair.py --set solver.batch_size=16     # per image: does a larger batch amortise?
     python benchmarks/setting_pair.py --set model.backbones.r50.freeze_at=2 --set runtime.memory_format=channels_last \
         --steps 40 atss-r50-dyh6-LSC-1x --json pair.json
 """
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dyhead.config import resolve  # noqa: E402
 from dyhead.ops import resolve_backend  # noqa: E402
 from step_pair import DEFAULT_EXPERIMENTS, parse_settings  # noqa: E402
-from train_step import build_step, per_gpu_batch  # noqa: E402
+from train_step import build_step  # noqa: E402
 
 SIDES = ("as is", "with")
 
@@ -44,7 +47,7 @@ def pair(exp: str, args, settings: dict) -> dict:
     run = resolve(exp, args.profile)
     classes = run.profile["data"].get("synthetic", {}).get("num_classes", 80)
     size = dict(profile=args.profile, backend=resolve_backend(run.profile["runtime"]["dcn_backend"]),
-                device=torch.device("cpu"), batch=per_gpu_batch(run.profile), boxes=4, num_classes=classes)
+                device=torch.device("cpu"), batch=None, boxes=4, num_classes=classes, dtype=None)
     steps = {"as is": build_step(exp, **size), "with": build_step(exp, **size, settings=settings)}
     for _ in range(args.warmup):
         for side in SIDES:
@@ -56,9 +59,13 @@ def pair(exp: str, args, settings: dict) -> dict:
             steps[side]()
             times[side].append(time.perf_counter() - t0)
     plain, changed = statistics.median(times["as is"]), statistics.median(times["with"])
+    a, w = steps["as is"], steps["with"]
+    per_image = (plain / a.batch) / (changed / w.batch)
     return {"experiment": exp, "as_is_sec_per_step": plain, "with_sec_per_step": changed, "as_is_over_with": plain / changed,
-            "faster_steps": sum(a > b for a, b in zip(times["as is"], times["with"])), "steps": args.steps,
-            "as_is_layout": layout_of(steps["as is"].model), "with_layout": layout_of(steps["with"].model)}
+            "as_is_over_with_per_image": per_image,
+            "faster_steps": sum(x > y for x, y in zip(times["as is"], times["with"])), "steps": args.steps,
+            "as_is_layout": layout_of(a.model), "with_layout": layout_of(w.model), "as_is_batch": a.batch,
+            "with_batch": w.batch, "as_is_dtype": a.dtype, "with_dtype": w.dtype}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(pair(exp, args, settings))
         r = rows[-1]
         print(f"  {exp:32s} as is {r['as_is_sec_per_step'] * 1000:7.1f} ms/step, with {r['with_sec_per_step'] * 1000:7.1f} "
-              f"({r['with_layout']}); the setting faster in {r['faster_steps']} of {r['steps']} step pairs", flush=True)
-    print("\n| experiment | as is ms/step | with the setting ms/step | as is / with |")
-    print("|---|---|---|---|")
+              f"({r['with_layout']}, batch {r['with_batch']}, {r['with_dtype']}); the setting faster in "
+              f"{r['faster_steps']} of {r['steps']} step pairs", flush=True)
+    print("\n| experiment | as is ms/step | with the setting ms/step | as is / with | per image |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['experiment']} | {r['as_is_sec_per_step'] * 1000:.1f} | {r['with_sec_per_step'] * 1000:.1f} | "
-              f"{r['as_is_over_with']:.2f}x |")
+        print(f"| {r['experiment']} | {r['as_is_sec_per_step'] * 1000:.1f} (batch {r['as_is_batch']}) | "
+              f"{r['with_sec_per_step'] * 1000:.1f} (batch {r['with_batch']}) | {r['as_is_over_with']:.2f}x | "
+              f"{r['as_is_over_with_per_image']:.2f}x |")
     if args.json:
         from dyhead.files import save_json
 

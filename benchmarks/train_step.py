@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dyhead.config import load_matrix, resolve  # noqa: E402
+from dyhead.engine.runtime import resolve_precision  # noqa: E402
 from dyhead.files import save_json  # noqa: E402
 from dyhead.modeling.build import build_detector  # noqa: E402
 from dyhead.modeling.dyhead import DyHeadBlock  # noqa: E402
@@ -42,6 +43,7 @@ from dyhead.ops import native, resolve_backend  # noqa: E402
 
 DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]  # followed by Table 3's other rows
 DTYPES = ("float32", "bfloat16", "float16")
+PROFILE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # runtime.precision -> autocast dtype
 
 
 def default_experiments() -> list[str]:
@@ -96,16 +98,25 @@ def apply_settings(run, settings: dict) -> None:
         node[leaf] = value
 
 
-def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int, boxes: int,
-               num_classes: int, dtype: str = "float32", compile_blocks: bool = False,
+def build_step(exp: str, profile: str, backend: str, device: torch.device, batch: int | None, boxes: int,
+               num_classes: int, dtype: str | None = "float32", compile_blocks: bool = False,
                settings: dict | None = None) -> Callable[[], dict]:
     """One experiment's detector (random weights, built as `dyhead train` builds it), SGD and a fixed
     batch; returns step(), which runs forward, losses, backward and the update and returns the losses
     as tensors (not synchronised). Mixed precision: autocast around the forward, a GradScaler for fp16.
     `compile_blocks`: torch.compile each DyHead block, as `runtime.compile: blocks` does in training;
-    `settings`: dotted profile keys to override (apply_settings), e.g. {"runtime.memory_format": "channels_last"}."""
+    `settings`: dotted profile keys to override (apply_settings), e.g. {"runtime.memory_format": "channels_last"}.
+    `batch` None: the profile's per-GPU batch; `dtype` None: the profile's runtime.precision (both after `settings`,
+    so `solver.batch_size` and `runtime.precision` can be compared like any other setting)."""
     run = resolve(exp, profile)
     apply_settings(run, settings or {})
+    if batch is None:
+        batch = per_gpu_batch(run.profile)
+    if dtype is None:
+        name = resolve_precision(run.profile["runtime"].get("precision", "fp32"), device)
+        if name not in PROFILE_DTYPES:
+            raise SystemExit(f"runtime.precision: {name!r} is not one of {', '.join(PROFILE_DTYPES)}")
+        dtype = PROFILE_DTYPES[name]
     torch.manual_seed(0)
     model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
     if compile_blocks:
@@ -137,7 +148,8 @@ def build_step(exp: str, profile: str, backend: str, device: torch.device, batch
             opt.step()
         return losses
 
-    step.model = model  # for callers that look at what they time (setting_pair reports its layout)
+    # for callers that report what they timed (setting_pair: the layout, the batch and the dtype)
+    step.model, step.batch, step.dtype = model, batch, dtype
     return step
 
 

@@ -329,9 +329,19 @@ def test_setting_pair_times_a_setting_against_the_profile_in_one_process(tmp_pat
     assert got["settings"] == {"runtime.memory_format": "channels_last"}
     (row,) = got["rows"]
     assert (row["as_is_layout"], row["with_layout"]) == ("contiguous", "channels_last")
+    assert (row["as_is_batch"], row["with_batch"], row["as_is_dtype"], row["with_dtype"]) == (4, 4, "float32", "float32")
     assert math.isclose(row["as_is_over_with"], row["as_is_sec_per_step"] / row["with_sec_per_step"])
+    assert math.isclose(row["as_is_over_with_per_image"], row["as_is_over_with"])  # same batch on both sides
     assert 0 <= row["faster_steps"] <= row["steps"] == 2
-    assert f"| atss-r50-base-1x | {row['as_is_sec_per_step'] * 1000:.1f} |" in capsys.readouterr().out
+    assert f"| atss-r50-base-1x | {row['as_is_sec_per_step'] * 1000:.1f} (batch 4) |" in capsys.readouterr().out
+    # the batch and the precision are settings like the others: each side runs its own
+    assert bench.main(["atss-r50-base-1x", "--profile", "tiny", "--steps", "1", "--warmup", "0", "--set",
+                       "solver.batch_size=2", "--set", "runtime.precision=bf16", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["as_is_batch"], row["with_batch"], row["as_is_dtype"], row["with_dtype"]) == (4, 2, "float32", "bfloat16")
+    assert math.isclose(row["as_is_over_with_per_image"], row["as_is_over_with"] * 2 / 4)
+    with pytest.raises(SystemExit, match="runtime.precision: 'fp8' is not one of fp32, bf16, fp16"):
+        bench.main(["atss-r50-base-1x", "--profile", "tiny", "--steps", "1", "--set", "runtime.precision=fp8"])
     with pytest.raises(SystemExit, match="--set nosuch.key: profile tiny has no 'nosuch' there"):
         bench.main(["atss-r50-base-1x", "--profile", "tiny", "--steps", "1", "--set", "nosuch.key=1"])
 

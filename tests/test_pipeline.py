@@ -1,4 +1,5 @@
 """The pipeline as a user runs it: CLI steps on the tiny profile, kill and resume, bad inputs."""
+import json
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,18 @@ def test_train_evaluate_flops_on_tiny(tiny):
         assert (run / name).exists(), name
     assert not (run / "checkpoints/last.pth").exists()  # removed once the final weights are written
     assert "GMACs" in out.stdout
+    assert isinstance(json.loads((run / "predictions.json").read_text()), list)
+
+
+def test_predictions_are_written_compact_and_what_people_read_indented(tmp_path):
+    from dyhead.files import save_json
+
+    dets = [{"image_id": i, "category_id": 1, "bbox": [0.5, 1.0, 2.0, 3.25], "score": 0.9} for i in range(3)]
+    save_json(tmp_path / "p.json", dets, compact=True)  # as evaluate writes predictions (100k of them on mini)
+    save_json(tmp_path / "m.json", dets)
+    compact, indented = (tmp_path / "p.json").read_text(), (tmp_path / "m.json").read_text()
+    assert compact.count("\n") == 1 and " " not in compact and indented.count("\n") > 10
+    assert json.loads(compact) == json.loads(indented) == dets
 
 
 def test_killed_training_resumes_to_identical_weights(tiny):

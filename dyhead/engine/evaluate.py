@@ -39,7 +39,7 @@ def evaluate(run: RunConfig, *, tta: bool = False, threads: int | None = None, b
     seconds = time.perf_counter() - t0
     suffix = "_tta" if tta else ""
     out = run.run_dir
-    save_json(out / f"predictions{suffix}.json", results)
+    save_json(out / f"predictions{suffix}.json", results, compact=True)
     ranges = profile_area_ranges(run)
     metrics = coco_metrics(dataset.coco, results, dataset.image_ids, ranges)
     record = {"experiment": run.experiment, "profile": run.profile_name, "split": "val", "area_ranges": ranges,
