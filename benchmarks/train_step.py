@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dyhead.config import load_matrix, resolve  # noqa: E402
-from dyhead.engine.runtime import resolve_precision  # noqa: E402
+from dyhead.engine.runtime import PRECISIONS, resolve_precision  # noqa: E402
 from dyhead.files import save_json  # noqa: E402
 from dyhead.modeling.build import build_detector  # noqa: E402
 from dyhead.modeling.dyhead import DyHeadBlock  # noqa: E402
@@ -43,7 +43,6 @@ from dyhead.ops import native, resolve_backend  # noqa: E402
 
 DEFAULT_EXPERIMENTS = ["atss-r50-base-1x", "atss-r50-dyh6-LSC-1x"]  # followed by Table 3's other rows
 DTYPES = ("float32", "bfloat16", "float16")
-PROFILE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # runtime.precision -> autocast dtype
 
 
 def default_experiments() -> list[str]:
@@ -114,9 +113,9 @@ def build_step(exp: str, profile: str, backend: str, device: torch.device, batch
         batch = per_gpu_batch(run.profile)
     if dtype is None:
         name = resolve_precision(run.profile["runtime"].get("precision", "fp32"), device)
-        if name not in PROFILE_DTYPES:
-            raise SystemExit(f"runtime.precision: {name!r} is not one of {', '.join(PROFILE_DTYPES)}")
-        dtype = PROFILE_DTYPES[name]
+        if name not in PRECISIONS:
+            raise SystemExit(f"runtime.precision: {name!r} is not one of {', '.join(PRECISIONS)}")
+        dtype = str(PRECISIONS[name] or torch.float32).removeprefix("torch.")  # the trainer's map, as a DTYPES name
     torch.manual_seed(0)
     model = build_detector(run, num_classes, backend, load_weights=False).to(device).train()
     if compile_blocks:

@@ -131,7 +131,8 @@ def os_error(exc: OSError, path: Path | str | None = None) -> DyheadError:
 
 def save_json(path: Path, data, compact: bool = False) -> None:
     """Indented for files people read; `compact` for machine-sized ones (100k detections: 0.26 s against 0.9)."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":")) if compact else json.dumps(data, indent=2, sort_keys=True)
+    layout = {"separators": (",", ":")} if compact else {"indent": 2}
+    text = json.dumps(data, sort_keys=True, **layout)
     atomic_write(path, lambda fh: fh.write((text + "\n").encode()))
 
 
