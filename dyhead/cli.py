@@ -139,8 +139,10 @@ def cmd_fetch_coco(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from dyhead.config import PRETRAINED, load_profile, pretrained_path
+    from dyhead.config import (PRETRAINED, embedded_standin, file_sha256, load_profile, pretrained_path, standin_key,
+                               standin_paths)
     from dyhead.engine.pretrain import run_pretrain
+    from dyhead.files import save_json
 
     profile = load_profile(args.profile)
     names = args.backbone or [k for k, bb in profile["model"]["backbones"].items() if bb.get("weights") == PRETRAINED]
@@ -149,9 +151,19 @@ def cmd_pretrain(args) -> None:
         return
     if args.out and len(names) > 1:
         raise DyheadError(f"--out {args.out}: one file cannot hold {len(names)} backbones ({', '.join(names)}); name one")
+    if args.out and args.embed:
+        raise DyheadError("--out and --embed name two places for one file; give one")
     for name in names:
-        run_pretrain(args.profile, profile, name, Path(args.out or pretrained_path(args.profile, name)),
-                     threads=args.threads)
+        committed, manifest = standin_paths(args.profile, name)
+        out = Path(args.out or (committed if args.embed else pretrained_path(args.profile, name)))
+        summary = run_pretrain(args.profile, profile, name, out, threads=args.threads)
+        if args.embed:  # the summary becomes the manifest that says under which settings the file is valid
+            summary.update(key=standin_key(profile, name), sha256=file_sha256(out))
+            save_json(Path(manifest), summary)
+            print(f"{committed}: committed stand-in for these settings; `git add {committed} {manifest}`")
+        elif not args.out and embedded_standin(args.profile, profile, name):
+            print(f"note: trainings under these settings start from the committed {committed}, not from {out} "
+                  f"(--embed replaces that one)")
 
 
 def cmd_fetch_weights(args) -> None:
@@ -396,7 +408,11 @@ def _fetch_commands(sub) -> None:
     p.add_argument("backbone", nargs="*", help="model.backbones keys (default: those with `weights: pretrained`)")
     _profile_arg(p)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the profile's runtime.threads)")
-    p.add_argument("--out", help="output file (default: data/weights/<profile>/<backbone>.pth, where training looks)")
+    p.add_argument("--out", help="output file (default: data/weights/<profile>/<backbone>.pth, where training looks "
+                                 "unless a committed stand-in matches the settings)")
+    p.add_argument("--embed", action="store_true",
+                   help="write data/standins/<profile>/<backbone>.pth and its manifest, to commit: trainings under "
+                        "these exact settings (and this pretrain code) then start from it without pretraining")
     p.set_defaults(func=cmd_pretrain)
 
 

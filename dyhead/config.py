@@ -455,10 +455,67 @@ def pretrained_path(profile_name: str, backbone: str) -> str:
     return f"data/weights/{profile_name}/{backbone}.pth"
 
 
-def weights_file(profile_name: str, profile: dict, backbone: str) -> str | None:
-    """The file a profile's backbone starts from: an ImageNet file, the pretrained stand-in, or none."""
+def weights_file(profile_name: str, profile: dict, backbone: str, root: Path | None = None) -> str | None:
+    """The file a profile's backbone starts from: an ImageNet file, the pretrained stand-in (the one committed
+    under data/standins/ when it was made under exactly these settings, else the one `dyhead pretrain` makes),
+    or none. Decided from the repository's files and the settings alone, so Snakemake, DVC and the trainer agree."""
     weights = profile["model"]["backbones"][backbone].get("weights")
-    return pretrained_path(profile_name, backbone) if weights == PRETRAINED else weights
+    if weights != PRETRAINED:
+        return weights
+    return embedded_standin(profile_name, profile, backbone, root) or pretrained_path(profile_name, backbone)
+
+
+# Pretrained stand-ins committed with the code, so the embedded default's first run need not train one (86 s on
+# one core before any detector can start). `dyhead pretrain <backbone> --profile <p> --embed` writes one with
+# its manifest; a committed stand-in is used only while its manifest's key equals standin_key() now.
+STANDINS_DIR = "data/standins"
+STANDIN_SOURCES = ("engine/pretrain.py", "modeling/backbone.py")  # the code that trains one, in this package
+
+
+def standin_paths(profile_name: str, backbone: str) -> tuple[str, str]:
+    """The committed stand-in of a profile's backbone and its manifest (relative to the repository root)."""
+    return f"{STANDINS_DIR}/{profile_name}/{backbone}.pth", f"{STANDINS_DIR}/{profile_name}/{backbone}.json"
+
+
+def standin_key(profile: dict, backbone: str) -> dict:
+    """Everything that decides what `dyhead pretrain` makes: its recipe, the backbone, the data settings and the
+    generator's format version, the seed, and the digest of the code that trains it."""
+    from dyhead.data import cocolike, synthetic  # lazily: numpy and PIL are not needed to read settings
+
+    code = hashlib.sha256()
+    for rel in STANDIN_SOURCES:
+        code.update((Path(__file__).resolve().parent / rel).read_bytes())
+    data = profile["data"]
+    versions = {"synthetic": synthetic.FORMAT_VERSION, "cocolike": cocolike.FORMAT_VERSION}
+    return {"pretrain": profile.get("pretrain"), "backbone": profile["model"]["backbones"][backbone],
+            "data": data, "data_format": versions.get(data["source"]), "seed": profile["runtime"]["seed"],
+            "dcn_backend": profile["runtime"]["dcn_backend"], "code": code.hexdigest()[:16]}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()  # stand-ins are a few MB: one read
+
+
+def embedded_standin(profile_name: str, profile: dict, backbone: str, root: Path | None = None) -> str | None:
+    """The committed stand-in when its manifest was written under the current key, else None. A file that does not
+    match its manifest's sha256 is an error, not a silent fallback (it would train from other weights)."""
+    root = root or repo_root()
+    weights, manifest = standin_paths(profile_name, backbone)
+    if not (root / manifest).is_file():
+        return None
+    try:
+        record = json.loads((root / manifest).read_text())
+        key, sha = record["key"], record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DyheadError(f"{manifest}: not a stand-in manifest ({exc})") from None
+    if key != json.loads(json.dumps(standin_key(profile, backbone))):
+        return None
+    if not (root / weights).is_file():
+        raise DyheadError(f"{manifest}: names {weights}, which is missing; restore it or delete the manifest")
+    actual = file_sha256(root / weights)
+    if actual != sha:
+        raise DyheadError(f"{weights}: sha256 {actual[:12]}... is not the {sha[:12]}... its manifest records")
+    return weights
 
 
 def resolve(exp_id: str, profile_name: str = DEFAULT_PROFILE, root: Path | None = None,

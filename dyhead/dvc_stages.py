@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import yaml
 
-from dyhead.config import (GRID_PREFIX, PRETRAINED, Matrix, load_matrix, load_profile, pretrained_path,
-                           repo_root, weights_file)
+from dyhead.config import (GRID_PREFIX, PRETRAINED, STANDINS_DIR, Matrix, load_matrix, load_profile,
+                           pretrained_path, repo_root, weights_file)
 from dyhead.errors import DyheadError
 
 HEADER = """\
@@ -96,7 +96,10 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
                                 "outs": [{p: Inline(cache=False, persist=True)}
                                          for p in annotations + [f"{data['root']}/fetch.json"]]}
         data_deps = [f"{data['root']}/fetch.json"]
-    pretrained = sorted(b for b in weights if profile["model"]["backbones"][b]["weights"] == PRETRAINED)
+    # a committed stand-in (data/standins/, git-tracked) is a plain dependency of the trainings; no stage makes it
+    committed = {b for b, p in weights.items() if p.startswith(STANDINS_DIR + "/")}
+    pretrained = sorted(b for b in weights
+                        if profile["model"]["backbones"][b]["weights"] == PRETRAINED and b not in committed)
     if pretrained:  # the ImageNet stand-in, from the training split's object crops
         stages["pretrain"] = {"foreach": pretrained, "do": {
             "cmd": f"dyhead pretrain ${{item}} --profile {profile_name} --threads {threads}",
@@ -106,13 +109,14 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
                      {pretrained_path(profile_name, "${item}").removesuffix(".pth") + ".json": UNCACHED}]}}
     from dyhead.modeling.pretrained import arch_of_file, arch_of_standin
 
-    standins = sorted({p for b, p in weights.items() if b not in pretrained and arch_of_standin(p)})
+    fetched = {b: p for b, p in weights.items() if b not in pretrained and b not in committed}
+    standins = sorted({p for p in fetched.values() if arch_of_standin(p)})
     if standins:  # random-init torchvision backbones under the names the profile loads (cocolike)
         files = {path.rsplit("/", 1)[-1]: Inline(arch=arch_of_standin(path), dir=path.rsplit("/", 1)[0], path=path)
                  for path in standins}
         stages["standin_weights"] = {"foreach": files, "do": {
             "cmd": "dyhead standin-weights ${item.arch} --dir ${item.dir}", "outs": ["${item.path}"]}}
-    imagenet = sorted({p for b, p in weights.items() if b not in pretrained and p not in standins})
+    imagenet = sorted({p for p in fetched.values() if p not in standins})
     if imagenet:
 
         files = {path.rsplit("/", 1)[-1]: Inline(arch=arch_of_file(path), dir=path.rsplit("/", 1)[0], path=path)

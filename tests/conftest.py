@@ -7,9 +7,9 @@ from tests.helpers import REPO, run
 
 @pytest.fixture
 def repo_copy(tmp_path, monkeypatch):
-    """A scratch copy of the repository's params/, workflow/ and Snakemake's default profile to edit and run in
-    (without profiles/ Snakemake would not `rerun-incomplete` as it does for a user)."""
-    for name in ("params", "workflow", "profiles"):
+    """A scratch copy of the repository's params/, workflow/, committed stand-ins and Snakemake's default profile,
+    to edit and run in (without profiles/ Snakemake would not `rerun-incomplete` as it does for a user)."""
+    for name in ("params", "workflow", "profiles", "data/standins"):  # the committed stand-ins: a checkout has them
         shutil.copytree(REPO / name, tmp_path / name)
     shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
     monkeypatch.chdir(tmp_path)

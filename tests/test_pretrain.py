@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from dyhead.config import load_profile, resolve, weights_file
+from dyhead.config import load_profile, resolve, standin_paths, weights_file
 from dyhead.errors import DyheadError
 from dyhead.modeling import build
 from tests.helpers import dvc_stages, dyhead, snakemake_commands
@@ -55,7 +55,7 @@ def test_pretrained_without_a_pretrain_section_is_refused(repo_copy):
 def test_weights_file_names_imagenet_pretrained_or_none():
     coco, mini = load_profile("coco"), load_profile("mini")
     assert weights_file("coco", coco, "r50").endswith(".pth") and "pretrained" not in weights_file("coco", coco, "r50")
-    assert weights_file("mini", mini, "r50") == "data/weights/mini/r50.pth"  # mini: `weights: pretrained`
+    assert weights_file("mini", mini, "r101") == "data/weights/mini/r101.pth"  # mini: `weights: pretrained`
     del mini["model"]["backbones"]["r50"]["weights"]
     assert weights_file("mini", mini, "r50") is None
 
@@ -74,3 +74,53 @@ def test_snakemake_and_dvc_pretrain_before_training(dvc_repo):
     spec = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())["stages"]
     assert "data/weights/tiny/r50.pth" in spec["train"]["do"]["deps"]
     assert "fetch_weights" not in spec
+
+
+def test_mini_r50_starts_from_its_committed_standin():
+    """README command 1 trains no stand-in: the committed one was made under mini's current settings and code.
+    If this fails, pretrain.py, backbone.py, mini's data/pretrain/seed settings or r50 changed since it was made:
+    `dyhead synth --profile mini && dyhead pretrain r50 --profile mini --embed`, then commit both files."""
+    assert weights_file("mini", load_profile("mini"), "r50") == "data/standins/mini/r50.pth"
+    assert resolve("atss-r50-dyh6-LSC-1x", "mini").weights == "data/standins/mini/r50.pth"
+
+
+def test_committed_standin_replaces_pretraining_only_under_its_settings(dvc_repo):
+    """`dyhead pretrain --embed` writes a stand-in and its manifest; Snakemake, DVC and the trainer then take it and
+    schedule no pretraining, until a setting it depends on changes; a file that is not the one its manifest records
+    is refused with one line."""
+    pretrained_tiny(dvc_repo)
+    dyhead("synth", "--profile", "tiny", cwd=dvc_repo)
+    out = dyhead("pretrain", "r50", "--profile", "tiny", "--embed", cwd=dvc_repo).stdout
+    committed, manifest = standin_paths("tiny", "r50")
+    assert f"{committed}: committed stand-in for these settings" in out
+    record = json.loads((dvc_repo / manifest).read_text())
+    assert record["key"]["pretrain"]["iterations"] == 20 and len(record["sha256"]) == 64
+    assert resolve("atss-r50-base-1x", "tiny").weights == committed
+    smk = snakemake_commands(dvc_repo, "tiny", ["reports/table2.md"])
+    assert "train@atss-r50-base-1x" in smk and not any(job.startswith("pretrain@") for job in smk)
+    dyhead("dvc-yaml", "--profile", "tiny", cwd=dvc_repo)
+    spec = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())["stages"]
+    assert "pretrain" not in spec and committed in spec["train"]["do"]["deps"]
+    # the trainer loads it
+    state = torch.load(dvc_repo / committed, weights_only=True)
+    model = build.build_detector(resolve("atss-r50-base-1x", "tiny"), 3, "torchvision")
+    assert torch.equal(model.backbone.body.conv1.weight, state["conv1.weight"])
+    # pretraining again without --embed says which file trainings use
+    note = dyhead("pretrain", "r50", "--profile", "tiny", cwd=dvc_repo).stdout
+    assert f"trainings under these settings start from the committed {committed}" in note
+    # another pretrain recipe: back to pretraining, in both views
+    path = dvc_repo / "params/profiles/tiny.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["pretrain"]["iterations"] = 30
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert resolve("atss-r50-base-1x", "tiny").weights == "data/weights/tiny/r50.pth"
+    assert "pretrain@r50" in snakemake_commands(dvc_repo, "tiny", ["reports/table2.md"])
+    data["pretrain"]["iterations"] = 20
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    # a different file under the manifest is an error, not a silent start from other weights
+    (dvc_repo / committed).write_bytes(b"not the stand-in")
+    with pytest.raises(DyheadError, match=r"data/standins/tiny/r50.pth: sha256 [0-9a-f]{12}\.\.\. is not the "):
+        resolve("atss-r50-base-1x", "tiny").weights
+    (dvc_repo / manifest).write_text("{")
+    with pytest.raises(DyheadError, match=r"data/standins/tiny/r50.json: not a stand-in manifest"):
+        resolve("atss-r50-base-1x", "tiny").weights
