@@ -139,8 +139,8 @@ def cmd_fetch_coco(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from dyhead.config import (PRETRAINED, embedded_standin, file_sha256, load_profile, pretrained_path, standin_key,
-                               standin_paths)
+    from dyhead.config import PRETRAINED, embedded_standin, load_profile, pretrained_path, standin_key, standin_paths
+    from dyhead.data.fetch import file_digest
     from dyhead.engine.pretrain import run_pretrain
     from dyhead.files import save_json
 
@@ -158,7 +158,7 @@ def cmd_pretrain(args) -> None:
         out = Path(args.out or (committed if args.embed else pretrained_path(args.profile, name)))
         summary = run_pretrain(args.profile, profile, name, out, threads=args.threads)
         if args.embed:  # the summary becomes the manifest that says under which settings the file is valid
-            summary.update(key=standin_key(profile, name), sha256=file_sha256(out))
+            summary.update(key=standin_key(profile, name), sha256=file_digest(out, "sha256"))
             save_json(Path(manifest), summary)
             print(f"{committed}: committed stand-in for these settings; `git add {committed} {manifest}`")
         elif not args.out and embedded_standin(args.profile, profile, name):

@@ -455,14 +455,14 @@ def pretrained_path(profile_name: str, backbone: str) -> str:
     return f"data/weights/{profile_name}/{backbone}.pth"
 
 
-def weights_file(profile_name: str, profile: dict, backbone: str, root: Path | None = None) -> str | None:
+def weights_file(profile_name: str, profile: dict, backbone: str) -> str | None:
     """The file a profile's backbone starts from: an ImageNet file, the pretrained stand-in (the one committed
     under data/standins/ when it was made under exactly these settings, else the one `dyhead pretrain` makes),
     or none. Decided from the repository's files and the settings alone, so Snakemake, DVC and the trainer agree."""
     weights = profile["model"]["backbones"][backbone].get("weights")
     if weights != PRETRAINED:
         return weights
-    return embedded_standin(profile_name, profile, backbone, root) or pretrained_path(profile_name, backbone)
+    return embedded_standin(profile_name, profile, backbone) or pretrained_path(profile_name, backbone)
 
 
 # Pretrained stand-ins committed with the code, so the embedded default's first run need not train one (86 s on
@@ -492,14 +492,12 @@ def standin_key(profile: dict, backbone: str) -> dict:
             "dcn_backend": profile["runtime"]["dcn_backend"], "code": code.hexdigest()[:16]}
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()  # stand-ins are a few MB: one read
-
-
-def embedded_standin(profile_name: str, profile: dict, backbone: str, root: Path | None = None) -> str | None:
+def embedded_standin(profile_name: str, profile: dict, backbone: str) -> str | None:
     """The committed stand-in when its manifest was written under the current key, else None. A file that does not
     match its manifest's sha256 is an error, not a silent fallback (it would train from other weights)."""
-    root = root or repo_root()
+    from dyhead.data.fetch import file_digest
+
+    root = repo_root()
     weights, manifest = standin_paths(profile_name, backbone)
     if not (root / manifest).is_file():
         return None
@@ -512,7 +510,7 @@ def embedded_standin(profile_name: str, profile: dict, backbone: str, root: Path
         return None
     if not (root / weights).is_file():
         raise DyheadError(f"{manifest}: names {weights}, which is missing; restore it or delete the manifest")
-    actual = file_sha256(root / weights)
+    actual = file_digest(root / weights, "sha256")
     if actual != sha:
         raise DyheadError(f"{weights}: sha256 {actual[:12]}... is not the {sha[:12]}... its manifest records")
     return weights

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import yaml
 
-from dyhead.config import (GRID_PREFIX, PRETRAINED, STANDINS_DIR, Matrix, load_matrix, load_profile,
-                           pretrained_path, repo_root, weights_file)
+from dyhead.config import (GRID_PREFIX, PRETRAINED, Matrix, load_matrix, load_profile, pretrained_path, repo_root,
+                           standin_paths, weights_file)
 from dyhead.errors import DyheadError
 
 HEADER = """\
@@ -97,7 +97,7 @@ def input_stages(profile_name: str, profile: dict, weights: dict[str, str]) -> t
                                          for p in annotations + [f"{data['root']}/fetch.json"]]}
         data_deps = [f"{data['root']}/fetch.json"]
     # a committed stand-in (data/standins/, git-tracked) is a plain dependency of the trainings; no stage makes it
-    committed = {b for b, p in weights.items() if p.startswith(STANDINS_DIR + "/")}
+    committed = {b for b, p in weights.items() if p == standin_paths(profile_name, b)[0]}
     pretrained = sorted(b for b in weights
                         if profile["model"]["backbones"][b]["weights"] == PRETRAINED and b not in committed)
     if pretrained:  # the ImageNet stand-in, from the training split's object crops
