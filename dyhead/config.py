@@ -477,6 +477,14 @@ def standin_paths(profile_name: str, backbone: str) -> tuple[str, str]:
     return f"{STANDINS_DIR}/{profile_name}/{backbone}.pth", f"{STANDINS_DIR}/{profile_name}/{backbone}.json"
 
 
+def pretrain_entry(entry: dict) -> dict:
+    """A backbone entry as `dyhead pretrain` builds it. ImageNet weights come from training every layer with batch
+    statistics; `freeze_at` and frozen BN are how a detector fine-tunes them, not how they are made (with them, a
+    stand-in's frozen stem would stay at its random init)."""
+    norm = "bn" if entry["norm"] in ("frozen_bn", "sync_bn") else entry["norm"]
+    return {**entry, "freeze_at": 0, "norm": norm}
+
+
 def standin_key(profile: dict, backbone: str) -> dict:
     """Everything that decides what `dyhead pretrain` makes: its recipe, the backbone, the data settings and the
     generator's format version, the seed, and the digest of the code that trains it."""
@@ -487,7 +495,7 @@ def standin_key(profile: dict, backbone: str) -> dict:
         code.update((Path(__file__).resolve().parent / rel).read_bytes())
     data = profile["data"]
     versions = {"synthetic": synthetic.FORMAT_VERSION, "cocolike": cocolike.FORMAT_VERSION}
-    return {"pretrain": profile.get("pretrain"), "backbone": profile["model"]["backbones"][backbone],
+    return {"pretrain": profile.get("pretrain"), "backbone": pretrain_entry(profile["model"]["backbones"][backbone]),
             "data": data, "data_format": versions.get(data["source"]), "seed": profile["runtime"]["seed"],
             "dcn_backend": profile["runtime"]["dcn_backend"], "code": code.hexdigest()[:16]}
 

@@ -42,6 +42,35 @@ def test_pretrain_writes_weights_that_training_loads(repo_copy):
     assert len(first) > 0
 
 
+def test_pretraining_trains_every_layer_whatever_the_detector_freezes(repo_copy, monkeypatch):
+    """`freeze_at` and frozen BN are how a detector fine-tunes ImageNet weights; the stand-in is made with every layer
+    trained and batch statistics, so its stem is not left at its random init, and its key ignores them."""
+    from dyhead.config import standin_key
+    from dyhead.engine import pretrain
+    from torchvision.ops import FrozenBatchNorm2d
+
+    dyhead("synth", "--profile", "tiny", cwd=repo_copy)
+    profile = load_profile("tiny")
+    entry = profile["model"]["backbones"]["r50"]
+    key = standin_key(profile, "r50")
+    entry.update(freeze_at=2, norm="frozen_bn", weights="pretrained")
+    assert standin_key(profile, "r50") == {**key, "backbone": {**key["backbone"], "weights": "pretrained"}}
+    seen = {}
+
+    def spy(body, *args, **kwargs):
+        seen["frozen"] = [n for n, p in body.named_parameters() if not p.requires_grad]
+        seen["frozen_bn"] = any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+        seen["stem"] = body.conv1.weight.detach().clone()
+        return real(body, *args, **kwargs)
+
+    real = pretrain.pretrain_backbone
+    monkeypatch.setattr(pretrain, "pretrain_backbone", spy)
+    out = repo_copy / "data/weights/tiny/r50.pth"
+    pretrain.run_pretrain("tiny", profile, "r50", out, log=lambda *_: None)
+    assert seen["frozen"] == [] and not seen["frozen_bn"]
+    assert not torch.equal(torch.load(out, weights_only=True)["conv1.weight"], seen["stem"])
+
+
 def test_pretrained_without_a_pretrain_section_is_refused(repo_copy):
     pretrained_tiny(repo_copy)
     path = repo_copy / "params/profiles/tiny.yaml"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dyhead.config import repo_root
+from dyhead.config import pretrain_entry, repo_root
 from dyhead.engine.runtime import set_threads
 from dyhead.errors import DyheadError
 from dyhead.files import save_json, save_torch
@@ -122,7 +122,8 @@ def run_pretrain(profile_name: str, profile: dict, backbone: str, out: Path, *, 
     log(f"[pretrain] {backbone} ({profile_name}): {len(labels)} crops of {len(cat_ids)} categories, "
         f"{cfg['crop_size']} px, {cfg['iterations']} iterations at batch {cfg['batch_size']}")
     backend = resolve_backend(profile["runtime"]["dcn_backend"])
-    bb_cfg = backbone_config(profile["model"]["backbones"][backbone], profile["model"]["fpn_channels"], backend)
+    bb_cfg = backbone_config(pretrain_entry(profile["model"]["backbones"][backbone]), profile["model"]["fpn_channels"],
+                             backend)
     body = ResNet(bb_cfg)
     summary = pretrain_backbone(body, crops, labels, len(cat_ids), cfg, seed=profile["runtime"]["seed"], log=log)
     summary.update(backbone=backbone, profile=profile_name, settings=cfg, file=str(out))
