@@ -93,7 +93,8 @@ def snakemake_commands(root: Path, profile: str, targets: list[str]) -> dict[str
 
 
 def write_fake_run(root: Path, profile: str, exp: str, ap: float, gmacs: float | None = 200.0, tta: bool = False,
-                   min_size=128, base_lr: float = 0.02, iterations: int = 1000, spec: dict | None = None) -> Path:
+                   min_size=128, base_lr: float = 0.02, iterations: int = 1000, spec: dict | None = None,
+                   machines: list[str] | None = None) -> Path:
     """runs/<profile>/<exp>/{metrics,train,flops}.json as the pipeline writes them, with made-up numbers
     (AP50 = AP + 20, AP75 = AP + 2, APs/APm/APl = AP - 10 / AP / AP + 5); `tta` writes metrics_tta.json instead
     of metrics.json. For reports built without training."""
@@ -108,11 +109,14 @@ def write_fake_run(root: Path, profile: str, exp: str, ap: float, gmacs: float |
                          "detections_per_img": 100}
     save_json(run / ("metrics_tta.json" if tta else "metrics.json"), record)
     spec = spec or {"detector": "atss", "backbone": "r50", "schedule": "1x", "head": {"blocks": 0}}
-    save_json(run / "train.json", {
+    train = {
         "experiment": exp, "profile": profile, "iterations": iterations, "train_seconds": 321.5, "parameters": 1000,
         "peak_rss_mb": 500.0, "config": {"experiment": exp, "spec": spec, "profile_settings": {
             "solver": {"base_lr": base_lr, "batch_size": 8, "steps": [0.67, 0.89]},
-            "input": {"min_size_train": min_size}}}})
+            "input": {"min_size_train": min_size}}}}
+    if machines is not None:
+        train["machines"] = machines
+    save_json(run / "train.json", train)
     if gmacs is not None:
         save_json(run / "flops.json", {"experiment": exp, "convention": "multiply-adds",
                                        profile: {"gmacs": gmacs / 100}, "coco": {"gmacs": gmacs}})

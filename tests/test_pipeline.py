@@ -98,6 +98,23 @@ def test_stop_and_resume_in_process_matches(tiny):
     assert iters == sorted(set(iters)), "log lines repeated after resume"
 
 
+def test_a_run_resumed_on_another_machine_names_both_in_train_json(tiny):
+    """Float rounding follows the machine's kernels, so a training that moved between machine types says so."""
+    from dyhead.engine.runtime import machine
+
+    set_profile(tiny, "moved", schedules={"1x": 8, "2x": 16}, checkpoint_period=4)
+    base = ("train", "atss-r50-base-1x", "--profile", "moved")
+    dyhead(*base, "--stop-at", "4", cwd=tiny)
+    run = tiny / "runs/moved/atss-r50-base-1x"
+    here = machine(torch.device("cpu"))
+    ckpt = torch.load(run / "checkpoints/last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["machines"] == [here]
+    ckpt["machines"] = ["Some Other CPU (AVX2)"]  # as if the first iterations had run elsewhere
+    torch.save(ckpt, run / "checkpoints/last.pth")
+    dyhead(*base, cwd=tiny)
+    assert json.loads((run / "train.json").read_text())["machines"] == ["Some Other CPU (AVX2)", here]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny):
     set_profile(tiny, "diverge", base_lr=1.0e6, warmup_iters=0, schedules={"1x": 30, "2x": 60}, checkpoint_period=1)
     proc = dyhead("train", "atss-r50-base-1x", "--profile", "diverge", cwd=tiny, check=False)

@@ -134,6 +134,30 @@ def test_a_run_the_table_needs_and_the_csv_lacks_is_one_line(repo_copy):
         read_results(repo_copy / "bad.csv")
 
 
+def test_the_training_sentence_names_the_machine_and_says_when_rows_mix_machines(repo_copy):
+    matrix = load_matrix(profile="mini")
+    exps = matrix.table_experiments("table2")
+    for i, exp in enumerate(exps):
+        write_fake_run(repo_copy, "mini", exp, 20.0 + i, spec=matrix.experiments[exp],
+                       machines=["Xeon A (AVX512, AMX)"])
+    text = render_table("table2", matrix, "mini", collect("mini", matrix, repo_copy / "runs"))
+    assert " Trained on Xeon A (AVX512, AMX)." in text and "more than one machine" not in text
+
+    moved = "atss-r50-dyh6-LSC-1x-seed1"  # the noise pair's twin counts too: it is not a row of its own
+    write_fake_run(repo_copy, "mini", moved, 20.0, spec=matrix.experiments[moved],
+                   machines=["Xeon A (AVX512, AMX)", "EPYC B (AVX2)"])
+    frame = collect("mini", matrix, repo_copy / "runs")
+    assert frame.set_index("experiment").at[moved, "machines"] == "Xeon A (AVX512, AMX) + EPYC B (AVX2)"
+    text = render_table("table2", matrix, "mini", frame)
+    assert "Trained on more than one machine type" in text
+    assert f"`{moved}` on Xeon A (AVX512, AMX) + EPYC B (AVX2)" in text
+    assert "`atss-r50-base-1x`, " in text.split("more than one machine type")[1]
+
+    for exp in exps:  # runs from before train.json named its machine: the sentence says nothing of machines
+        write_fake_run(repo_copy, "mini", exp, 20.0, spec=matrix.experiments[exp])
+    assert "Trained on" not in render_table("table2", matrix, "mini", collect("mini", matrix, repo_copy / "runs"))
+
+
 def test_dyhead_report_writes_the_table_its_csv_and_results_csv(repo_copy, monkeypatch):
     monkeypatch.setenv("DYHEAD_TRACKING", "off")
     matrix = load_matrix(profile="mini")

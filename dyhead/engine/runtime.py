@@ -7,8 +7,10 @@ Stages import this floor and `inference`, never each other.
 """
 from __future__ import annotations
 
+import platform
 import resource
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -115,6 +117,28 @@ def to_device(images, targets, device):
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
     return images, targets
+
+
+def machine(device: torch.device) -> str:
+    """The hardware a run's numbers come from, as train.json and the reports name it. Float rounding depends on
+    the kernels torch picks, so runs repeat bit for bit on one machine type and differ across types by about the
+    run-to-run noise: the GPU's name, or the CPU's model with the ATen kernel family (AVX512, AVX2, ...) and AMX,
+    which oneDNN uses where it is."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux
+        pass
+    extras = ", AMX" if "amx_tile" in flags else ""
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}{extras})"
 
 
 def peak_rss_mb() -> float:

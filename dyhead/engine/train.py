@@ -72,10 +72,11 @@ class LossWindow:
         return means
 
 
-def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log, scaler=None) -> tuple[int, float]:
-    """Load the last checkpoint if there is one: (iteration to start from, seconds already spent)."""
+def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log, scaler=None) -> tuple[int, float, list[str]]:
+    """Load the last checkpoint if there is one: (iteration to start from, seconds already spent, the
+    machines the iterations before it ran on)."""
     if not ckpt_path.exists():
-        return 0, 0.0
+        return 0, 0.0, []
     ckpt = load_torch(ckpt_path, "training checkpoint",
                       fix="delete it to restart the training from iteration 0, or restore an intact copy")
     if not isinstance(ckpt, dict) or ckpt.get("digest") != run.digest:
@@ -86,7 +87,7 @@ def resume(ckpt_path: Path, run: RunConfig, model, optimizer, log, scaler=None) 
     if scaler is not None and "scaler" in ckpt:  # the loss scale a resumed fp16 run continues from
         scaler.load_state_dict(ckpt["scaler"])
     log(f"[{run.experiment}] resuming from {ckpt_path} at iteration {ckpt['iteration']}/{run.max_iter}")
-    return ckpt["iteration"], ckpt.get("elapsed", 0.0)
+    return ckpt["iteration"], ckpt.get("elapsed", 0.0), list(ckpt.get("machines", []))
 
 
 def trim_log(path: Path, iteration: int) -> None:
@@ -109,7 +110,7 @@ def trim_log(path: Path, iteration: int) -> None:
     save_text(path, "".join(line + "\n" for line in keep))
 
 
-def open_tracker(run: RunConfig, ctx, start: int, backend: str, precision: str = "fp32"):
+def open_tracker(run: RunConfig, ctx, start: int, backend: str, precision: str = "fp32", machine: str = ""):
     """Rank 0 alone writes files and talks to MLflow. A training that starts from iteration 0 opens a new
     MLflow run: the FLOPs counted before it (flops.json; they depend on the settings, not the weights) are
     logged into it again, so no run loses them."""
@@ -117,7 +118,8 @@ def open_tracker(run: RunConfig, ctx, start: int, backend: str, precision: str =
         return NullTracker()
     trim_log(run.run_dir / LOG, start)
     tracker = Tracker.for_run(run, stage="train", resumed=start > 0,
-                              tags={"dcn_backend": backend, "world_size": ctx.world_size, "precision": precision})
+                              tags={"dcn_backend": backend, "world_size": ctx.world_size, "precision": precision,
+                                    "machine": machine})
     tracker.log_params(flat_params(run.to_dict()))
     flops = run.run_dir / "flops.json"
     if start == 0 and flops.exists():
@@ -196,6 +198,7 @@ class Training:
     tracker: object
     scaler: torch.amp.GradScaler | None = None  # fp16 only: bf16 has fp32's range and needs none
     curve_data: object = None  # the val split the AP curve reads (profile `curve`), None when it is off
+    machines: list = field(default_factory=list)  # every machine the run trained on, first first (runtime.machine)
 
     @property
     def ckpt_path(self) -> Path:
@@ -217,13 +220,16 @@ def setup(run: RunConfig, rt: runtime.Runtime) -> Training:
     optimizer = torch.optim.SGD(params, lr=solver["base_lr"], momentum=solver["momentum"],
                                 weight_decay=solver["weight_decay"])
     scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
-    start, elapsed_before = resume(run.run_dir / CHECKPOINT, run, model, optimizer, rt.log, scaler)
+    start, elapsed_before, machines = resume(run.run_dir / CHECKPOINT, run, model, optimizer, rt.log, scaler)
+    here = runtime.machine(rt.device)
+    if here not in machines:  # a run resumed on another machine type mixes their roundings: train.json says so
+        machines.append(here)
     if start == 0 and rt.ctx.is_main:
         remove_stale(run, rt.log)
-    tracker = open_tracker(run, rt.ctx, start, rt.backend, rt.precision)
+    tracker = open_tracker(run, rt.ctx, start, rt.backend, rt.precision, here)
     curve_data = runtime.make_dataset(run, train=False) if curve_settings(run)[0] else None
     return Training(run, rt, dataset, model, net, params, optimizer, start, elapsed_before, tracker, scaler,
-                    curve_data)
+                    curve_data, machines)
 
 
 def loader_for(t: Training, end: int) -> torch.utils.data.DataLoader:
@@ -332,7 +338,7 @@ def save_checkpoint(t: Training, done: int, elapsed: float) -> None:
                           f"last good checkpoint kept at {t.ckpt_path}")
     if t.rt.ctx.is_main:
         state = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-                 "iteration": done, "digest": t.run.digest, "elapsed": elapsed}
+                 "iteration": done, "digest": t.run.digest, "elapsed": elapsed, "machines": t.machines}
         if t.scaler is not None:
             state["scaler"] = t.scaler.state_dict()
         save_torch(t.ckpt_path, state)
@@ -408,7 +414,7 @@ def finish(t: Training, elapsed: float, last_losses: dict) -> dict:
         "final_losses": {k: round(v, 5) for k, v in last_losses.items()},
         "parameters": sum(p.numel() for p in t.model.parameters()), "peak_rss_mb": round(runtime.peak_rss_mb(), 1),
         "dcn_backend": rt.backend, "precision": rt.precision, "threads": torch.get_num_threads(),
-        "device": str(rt.device),
+        "device": str(rt.device), "machines": t.machines,
         "world_size": rt.ctx.world_size,
         "torch": torch.__version__, "python": platform.python_version(), "config": run.to_dict(),
     }

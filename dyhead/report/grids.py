@@ -12,8 +12,8 @@ import pandas as pd
 from dyhead.config import Matrix, head_name, load_profile
 from dyhead.grids import AVERAGED, AXES
 from dyhead.report.results import METRICS, Runs
-from dyhead.report.text import (backbone_start, coco_gflops, evaluated_on, fmt, heading, lr_exceptions, markdown_table,
-                                recipe_note)
+from dyhead.report.text import (backbone_start, coco_gflops, evaluated_on, fmt, heading, lr_exceptions, machines_note,
+                                markdown_table, recipe_note)
 
 
 def grid_frame(name: str, matrix: Matrix, profile_name: str, results: pd.DataFrame) -> pd.DataFrame:
@@ -105,7 +105,7 @@ def render_grid(name: str, matrix: Matrix, profile_name: str, results: pd.DataFr
                                                    if s in solver["schedules"])
         + f" at batch {solver['batch_size']}, base lr {solver['base_lr']}, images {profile['input']['min_size_train']} px, "
         f"FPN/head width {profile['model']['fpn_channels']}, {backbone_start(profile)}."
-        + lr_exceptions(exps, solver["base_lr"], runs) + recipe_note(exps, matrix)
+        + lr_exceptions(exps, solver["base_lr"], runs) + recipe_note(exps, matrix) + machines_note(exps, runs)
     )
     lines.append("")
     return "\n".join(lines)

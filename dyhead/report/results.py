@@ -10,7 +10,8 @@ another shape is one line naming the file and the key), into one row per run:
     tta_settings (JSON)                                  metrics_tta.json
     gmacs_coco, gmacs_profile                            flops.json (coco model at 800x1344; the profile's own)
     iterations, train_seconds, base_lr, batch_size, clip_grad_norm,
-    min_size_train (JSON), parameters, peak_rss_mb       train.json
+    min_size_train (JSON), parameters, peak_rss_mb,
+    machines (' + ' between several)                     train.json
 
 A file not there leaves its columns empty. The frame `collect` returns is the one `read_results` gives
 for the CSV it writes (both go through the CSV text), so a report renders the same from either.
@@ -34,14 +35,14 @@ COLUMNS = (("profile", "experiment") + AXIS_COLUMNS + METRICS + ("images", "anno
            + tuple(f"tta_{m}" for m in METRICS) + ("tta_images", "tta_eval_seconds", "tta_settings")
            + ("gmacs_coco", "gmacs_profile")
            + ("iterations", "train_seconds", "base_lr", "batch_size", "clip_grad_norm", "min_size_train",
-              "parameters", "peak_rss_mb"))
+              "parameters", "peak_rss_mb", "machines"))
 RESULTS_CSV = Path("reports/results.csv")
 # which file a column comes from: named when a report needs a value that is not there
 SOURCE = {**{m: "metrics.json" for m in METRICS + ("images", "annotations", "eval_seconds")},
           **{c: "metrics_tta.json" for c in COLUMNS if c.startswith("tta_")},
           "gmacs_coco": "flops.json", "gmacs_profile": "flops.json",
           **{c: "train.json" for c in ("iterations", "train_seconds", "base_lr", "batch_size", "clip_grad_norm",
-                                       "min_size_train", "parameters", "peak_rss_mb")}}
+                                       "min_size_train", "parameters", "peak_rss_mb", "machines")}}
 
 
 def _read(path: Path, schema: str) -> dict | None:
@@ -80,7 +81,8 @@ def run_row(profile: str, exp_dir: Path, spec: dict | None) -> dict | None:
                    base_lr=settings["solver"]["base_lr"], batch_size=settings["solver"]["batch_size"],
                    clip_grad_norm=settings["solver"].get("clip_grad_norm"),
                    min_size_train=json.dumps(settings["input"]["min_size_train"]),
-                   parameters=train.get("parameters"), peak_rss_mb=train.get("peak_rss_mb"))
+                   parameters=train.get("parameters"), peak_rss_mb=train.get("peak_rss_mb"),
+                   machines=" + ".join(train.get("machines", [])) or None)
     return {k: v for k, v in row.items() if k in COLUMNS}
 
 

@@ -21,7 +21,7 @@ from dyhead.plots import html_page
 from dyhead.report import grids as grid_report
 from dyhead.report.results import RESULTS_CSV, Runs, collect, write_results
 from dyhead.report.text import (PAPER, backbone_start, coco_gflops, diff, evaluated_on, fmt, heading, lr_exceptions,
-                                markdown_table, recipe_note)
+                                machines_note, markdown_table, recipe_note)
 
 GROUP_LABEL = "detector"
 DEFAULT_MAIN = ["AP"]
@@ -156,7 +156,8 @@ def render_comparison(name: str, matrix: Matrix, profile_name: str, results: pd.
     lines.append(f"Training ({profile_name}, batch {solver['batch_size']}, base lr {solver['base_lr']}, "
                  f"{schedules} iterations, {backbone_start(profile)}): " + "; ".join(trained) + "."
                  + lr_exceptions([r["experiment"] for r in table["rows"]], solver["base_lr"], runs)
-                 + recipe_note([r["experiment"] for r in table["rows"]], matrix))
+                 + recipe_note([r["experiment"] for r in table["rows"]], matrix)
+                 + machines_note([r["experiment"] for r in table["rows"]], runs))
     lines.append("")
     paper_ap = {(r["experiment"], bool(r.get("tta"))): r["paper"].get("AP") for r in table["rows"]}
     for row in table["rows"]:
@@ -290,6 +291,7 @@ def render_table(name: str, matrix: Matrix, profile_name: str, results: pd.DataF
         + _schedule_note(table, matrix)
         + lr_exceptions(exps, profile["solver"]["base_lr"], runs)
         + recipe_note(exps, matrix)
+        + machines_note(matrix.table_experiments(name), runs)
     )
     lines.append("")
     return "\n".join(lines)

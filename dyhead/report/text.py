@@ -75,6 +75,22 @@ def lr_exceptions(exps: list[str], base_lr: float, runs: Runs) -> str:
             + "".join(f" Gradient norm clipped at {c:g} for {', '.join(e)}." for c, e in clipped.items()))
 
 
+def machines_note(exps: list[str], runs: Runs) -> str:
+    """' Trained on <machine>.', or which rows came from which machine when they differ: another machine type's
+    kernels round differently, so its runs differ from these by about the run-to-run noise (runtime.machine).
+    Runs from before train.json recorded it add nothing."""
+    by_machine: dict = {}
+    for exp in dict.fromkeys(exps):
+        machine = runs.get(exp, "machines", None)
+        if machine:
+            by_machine.setdefault(machine, []).append(f"`{exp}`")
+    if len(by_machine) <= 1:
+        return "".join(f" Trained on {m}." for m in by_machine)
+    return (" Trained on more than one machine type, so rows differ also by their rounding (rerun them on one "
+            "machine for a like-for-like table): " + "; ".join(f"{', '.join(e)} on {m}" for m, e in by_machine.items())
+            + ".")
+
+
 def recipe_note(exps: list[str], matrix: Matrix) -> str:
     """' `<exp>` trains the official recipe: ...' for experiments trained to a recipe other than the paper's."""
     by_recipe: dict = {}
