@@ -13,7 +13,6 @@ cores x wall - the sum over jobs of duration x threads: what a perfect packing o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -26,6 +25,9 @@ from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dyhead.files import save_json  # noqa: E402  (the result JSON is written whole or not at all)
+
 STAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
 START = re.compile(r"^(?:local)?rule (\w+):$")
 
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
         (a, ra), (b, rb) = results.items()
         print(f"\nwall {b} / {a}: {rb['wall_seconds'] / ra['wall_seconds']:.2f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        save_json(args.json, results)
     return 0
 
 
