@@ -357,3 +357,42 @@ def test_head_parts_times_each_attention_switched_off(tmp_path, capsys):
     assert f"| none | {got['ms']['none']:.1f} |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--sizes", "16,x"])
+
+
+PIPELINE_LOG = """\
+[Fri Dec  4 04:00:00 2026]
+localrule synth:
+    jobid: 1
+[Fri Dec  4 04:00:00 2026]
+localrule train:
+    jobid: 2
+    wildcards: exp=atss-r50-base-1x
+    threads: 1
+[Fri Dec  4 04:00:10 2026]
+Finished jobid: 1 (Rule: synth)
+[Fri Dec  4 04:00:30 2026]
+Finished jobid: 2 (Rule: train)
+[Fri Dec  4 04:00:30 2026]
+localrule report:
+    jobid: 3
+    wildcards: table=table2
+    threads: 4
+[Fri Dec  4 04:00:40 2026]
+Finished jobid: 3 (Rule: report)
+"""
+
+
+def test_pipeline_wall_reads_a_snakemake_log_into_a_timeline_and_idle_core_seconds(tmp_path, capsys):
+    pw = _load("pipeline_wall")
+    log, out = tmp_path / "snakemake.log", tmp_path / "wall.json"
+    log.write_text(PIPELINE_LOG)
+    assert pw.main(["--log", str(log), "--cores", "2", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())[str(log)]
+    # synth 10 s + train 30 s on one core each, report 10 s on 2 of its 4 threads: 60 of 2 x 40 core-s busy
+    assert run["span_seconds"] == 40 and run["busy_core_seconds"] == 60 and run["idle_core_seconds"] == 20
+    assert run["per_rule"]["train"] == {"jobs": 1, "core_seconds": 30}
+    assert [(j["rule"], j["name"], j["threads"]) for j in run["jobs_detail"]] == [
+        ("synth", "", 1), ("train", "exp=atss-r50-base-1x", 1), ("report", "table=table2", 4)]
+    printed = capsys.readouterr().out
+    assert "idle 20.0 core-s on 2 cores" in printed
+    assert "train atss-r50-base-1x" in printed and "#" in printed.splitlines()[-1]  # a multi-thread job drawn as #
